@@ -1,0 +1,116 @@
+"""Loading checkpoints safely: safetensors only (never pickle, never code shipped with weights),
+with errors that list exactly which tensors are missing, unexpected or mis-shaped."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from loopscope.families.looplm import LoopConfig, LoopLM
+
+PICKLE_NAMES = ("pytorch_model.bin", "model.pt", "model.pth", "consolidated.00.pth")
+BUNDLED = {
+    "demo": "demo-looped",
+    "demo-looped": "demo-looped",
+    "demo-feedforward": "demo-feedforward",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked, with what to do about it."""
+
+
+def bundled_model_dir(name: str) -> Path:
+    """Directory of a model shipped inside the package."""
+    folder = BUNDLED[name]
+    return Path(str(resources.files("loopscope") / "assets" / "models" / folder))
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("*.safetensors"))
+    files = [f for f in files if f.name != "optimizer.safetensors"]
+    if files:
+        return files
+    pickles = [name for name in PICKLE_NAMES if (directory / name).exists()]
+    if pickles:
+        raise CheckpointError(
+            f"{directory} holds only pickle-format weights ({', '.join(pickles)}); loopscope "
+            "never unpickles checkpoints because unpickling can run arbitrary code. Convert "
+            "them once with safetensors (e.g. `safetensors.torch.save_file(torch.load(path, "
+            "weights_only=True), 'model.safetensors')`) and load the directory again"
+        )
+    raise CheckpointError(f"{directory} contains no *.safetensors weights")
+
+
+def read_tensors(directory: Path, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Every tensor of the directory's safetensors files, cast to ``dtype`` one at a time."""
+    tensors: dict[str, Tensor] = {}
+    for file in _safetensors_files(directory):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensor = handle.get_tensor(key)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                tensors[key] = tensor
+    return tensors
+
+
+def check_tensors(expected: dict[str, torch.Size], found: dict[str, Tensor], source: str) -> None:
+    """Raise one error naming every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k])}"
+        for k in set(expected) & set(found)
+        if tuple(found[k].shape) != tuple(expected[k])
+    )
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {', '.join(unexpected)}")
+        if misshaped:
+            parts.append(f"mis-shaped tensors: {'; '.join(misshaped)}")
+        raise CheckpointError(
+            f"{source} does not match its config.json — "
+            + " | ".join(parts)
+            + ". Check that config.json belongs to these weights."
+        )
+
+
+def expected_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
+    """Parameter names and shapes, one name per shared (tied) tensor."""
+    seen: set[int] = set()
+    shapes: dict[str, torch.Size] = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        shapes[name] = tensor.shape
+    return shapes
+
+
+def load_looplm(
+    directory: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> LoopLM:
+    """Load one of our checkpoints (``config.json`` + ``model.safetensors``)."""
+    path = Path(directory)
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{path} has no config.json; is this a loopscope checkpoint?")
+    try:
+        config = LoopConfig.from_dict(json.loads(config_path.read_text()))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{config_path}: {err}") from err
+    model = LoopLM(config)
+    tensors = read_tensors(path, dtype=torch.float32)
+    check_tensors(expected_shapes(model), tensors, str(path))
+    model.load_state_dict(tensors, strict=False)
+    model.eval()
+    return model.to(device=device, dtype=dtype)

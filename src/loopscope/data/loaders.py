@@ -1,0 +1,249 @@
+"""Loading prompt and evaluation files (GSM8K JSONL, HellaSwag JSONL, plain text).
+
+A bad line in a data file should stop a run before any model time is spent, with a message that
+names the file, the 1-based line and the fix, not a bare ``KeyError`` from deep inside a probe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from loopscope.data.formatting import (
+    extract_final_answer,
+    format_prompt,
+    strip_calculator_annotations,
+)
+
+__all__ = [
+    "DataFormatError",
+    "GSM8KExample",
+    "HellaSwagExample",
+    "extract_final_answer",
+    "load_gsm8k_jsonl",
+    "load_hellaswag_jsonl",
+    "load_prompts",
+    "load_text_prompts",
+    "strip_calculator_annotations",
+]
+
+PathLike: TypeAlias = str | os.PathLike[str]
+
+_GSM8K_NEEDS = '(a GSM8K line needs "question" and "answer")'
+_HELLASWAG_NEEDS = '(a HellaSwag line needs "ctx" (or "ctx_a" and "ctx_b") and "endings")'
+
+
+class DataFormatError(ValueError):
+    """A data file is malformed. ``str(err)`` reads ``"<file> line <n>: <problem and fix>"``;
+    ``path``, ``line`` (1-based, None for whole-file problems) and ``problem`` are attributes."""
+
+    def __init__(self, path: PathLike, line: int | None, problem: str) -> None:
+        self.path = os.fspath(path)
+        self.line = line
+        self.problem = problem
+        where = self.path if line is None else f"{self.path} line {line}"
+        super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.line, self.problem))
+
+
+@dataclass(frozen=True)
+class GSM8KExample:
+    """A GSM8K line. ``final_answer`` is the ``####`` number as a string without commas;
+    ``answer_plain`` is ``answer`` without ``<<...>>`` calculator annotations."""
+
+    question: str
+    answer: str
+    final_answer: str
+    answer_plain: str
+
+
+@dataclass(frozen=True)
+class HellaSwagExample:
+    """A HellaSwag line: context, candidate endings, index of the right one (None if unlabelled,
+    as in the test split)."""
+
+    ctx: str
+    endings: list[str]
+    label: int | None
+    activity_label: str | None = None
+
+
+def _read_lines(path: PathLike) -> list[tuple[int, str]]:
+    """Non-blank lines with their 1-based numbers, line terminators removed, UTF-8 checked
+    per line so that a bad byte is reported with its line."""
+    raw = Path(path).read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # a BOM some editors add; not part of the first line
+        raw = raw[3:]
+    lines = []
+    for number, chunk in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataFormatError(
+                path, number, f"not valid UTF-8 ({err.reason} at byte {err.start}); save as UTF-8"
+            ) from None
+        text = text.rstrip("\r")
+        if text.strip():
+            lines.append((number, text))
+    return lines
+
+
+def _parse_jsonl(path: PathLike, lines: list[tuple[int, str]]) -> list[tuple[int, dict[str, Any]]]:
+    """One JSON object per line, or DataFormatError naming the line."""
+    if not lines:
+        raise DataFormatError(path, None, "empty file: expected one JSON object per line")
+    records = []
+    for number, text in lines:
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(
+                path,
+                number,
+                f"malformed JSON ({err.msg} at column {err.colno}); "
+                "each line must be one complete JSON object",
+            ) from None
+        if not isinstance(record, dict):
+            raise DataFormatError(
+                path,
+                number,
+                f"expected a JSON object ({{...}}), got {type(record).__name__}",
+            )
+        records.append((number, record))
+    return records
+
+
+def _load_jsonl(path: PathLike) -> list[tuple[int, dict[str, Any]]]:
+    return _parse_jsonl(path, _read_lines(path))
+
+
+def _field_str(path: PathLike, number: int, record: dict[str, Any], field: str, needs: str) -> str:
+    if field not in record:
+        raise DataFormatError(path, number, f'missing field "{field}" {needs}')
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataFormatError(
+            path, number, f'field "{field}" must be a string, got {type(value).__name__}'
+        )
+    return value
+
+
+def _gsm8k(path: PathLike, number: int, record: dict[str, Any]) -> GSM8KExample:
+    question = _field_str(path, number, record, "question", _GSM8K_NEEDS)
+    answer = _field_str(path, number, record, "answer", _GSM8K_NEEDS)
+    final = extract_final_answer(answer)
+    if final is None:
+        raise DataFormatError(
+            path,
+            number,
+            'answer lacks a final "#### N" (a GSM8K answer ends with a line like "#### 12")',
+        )
+    return GSM8KExample(question, answer, final, strip_calculator_annotations(answer))
+
+
+def _hellaswag_ctx(path: PathLike, number: int, record: dict[str, Any]) -> str:
+    """``ctx``, or ``ctx_a`` + " " + ``ctx_b`` as HellaSwag builds it when ``ctx`` is absent."""
+    if "ctx" in record:
+        return _field_str(path, number, record, "ctx", _HELLASWAG_NEEDS)
+    if "ctx_a" not in record:
+        raise DataFormatError(path, number, f'missing field "ctx" {_HELLASWAG_NEEDS}')
+    ctx_a = _field_str(path, number, record, "ctx_a", _HELLASWAG_NEEDS)
+    ctx_b = _field_str(path, number, record, "ctx_b", _HELLASWAG_NEEDS) if "ctx_b" in record else ""
+    return f"{ctx_a} {ctx_b}" if ctx_b.strip() else ctx_a
+
+
+def _hellaswag(path: PathLike, number: int, record: dict[str, Any]) -> HellaSwagExample:
+    ctx = _hellaswag_ctx(path, number, record)
+    endings = record.get("endings")
+    if endings is None:
+        raise DataFormatError(path, number, f'missing field "endings" {_HELLASWAG_NEEDS}')
+    if (
+        not isinstance(endings, list)
+        or len(endings) < 2
+        or not all(isinstance(e, str) for e in endings)
+    ):
+        raise DataFormatError(
+            path, number, '"endings" must be a list of strings (HellaSwag has 4 candidates)'
+        )
+    label = _hellaswag_label(path, number, record.get("label"), len(endings))
+    activity = record.get("activity_label")
+    if activity is not None and not isinstance(activity, str):
+        raise DataFormatError(path, number, '"activity_label" must be a string')
+    return HellaSwagExample(ctx, list(endings), label, activity)
+
+
+def _hellaswag_label(path: PathLike, number: int, raw: Any, n_endings: int) -> int | None:
+    """Label as an int index; None or "" means unlabelled. Digit strings are accepted because
+    some HellaSwag exports store the label as ``"2"``."""
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, str) and raw.strip().isdigit():
+        raw = int(raw)
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < n_endings:
+        raise DataFormatError(
+            path,
+            number,
+            f'"label" must be an index 0..{n_endings - 1} into "endings" (or null), got {raw!r}',
+        )
+    return raw
+
+
+def load_gsm8k_jsonl(path: PathLike) -> list[GSM8KExample]:
+    """GSM8K JSONL (``{"question", "answer"}`` per line; blank lines skipped), fully validated."""
+    return [_gsm8k(path, number, record) for number, record in _load_jsonl(path)]
+
+
+def load_hellaswag_jsonl(path: PathLike) -> list[HellaSwagExample]:
+    """HellaSwag JSONL (``ctx`` or ``ctx_a``/``ctx_b``, ``endings``, optional ``label`` and
+    ``activity_label``; blank lines skipped), fully validated."""
+    return [_hellaswag(path, number, record) for number, record in _load_jsonl(path)]
+
+
+def load_text_prompts(path: PathLike) -> list[str]:
+    """One prompt per non-blank line, kept byte-for-byte except the line terminator
+    (leading/trailing spaces matter to a byte-level model, so they are not stripped)."""
+    prompts = [text for _, text in _read_lines(path)]
+    if not prompts:
+        raise DataFormatError(path, None, "empty file: expected one prompt per non-empty line")
+    return prompts
+
+
+def load_prompts(path: PathLike) -> list[str]:
+    """Prompts from any supported file, recognised by content.
+
+    ``.txt``: one prompt per line. JSONL whose first object has ``question``: GSM8K, each
+    question through :func:`format_prompt` (answers are not needed or checked here). JSONL with
+    ``ctx``/``ctx_a``/``endings``: HellaSwag, the contexts (endings not checked). Anything else
+    raises :class:`DataFormatError`.
+    """
+    if Path(path).suffix.lower() == ".txt":
+        return load_text_prompts(path)
+    lines = _read_lines(path)
+    if not lines:
+        raise DataFormatError(path, None, "empty file: no prompts found")
+    first_number, first = lines[0]
+    if not first.lstrip().startswith("{"):
+        raise DataFormatError(
+            path,
+            first_number,
+            "unknown prompt format: expected JSONL objects (GSM8K or HellaSwag); "
+            "for one plain-text prompt per line, give the file a .txt suffix",
+        )
+    records = _parse_jsonl(path, lines)
+    keys = records[0][1].keys()
+    if "question" in keys:
+        needs = '(a GSM8K prompt line needs "question")'
+        return [format_prompt(_field_str(path, n, r, "question", needs)) for n, r in records]
+    if keys & {"ctx", "ctx_a", "endings"}:
+        return [_hellaswag_ctx(path, n, r) for n, r in records]
+    raise DataFormatError(
+        path,
+        first_number,
+        f'unknown JSONL format with fields {sorted(keys)}: expected "question" (GSM8K) '
+        'or "ctx"/"endings" (HellaSwag)',
+    )

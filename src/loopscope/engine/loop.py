@@ -1,0 +1,172 @@
+"""The one engine that drives recurrences for every model family.
+
+It runs embed → prelude → initial state → R × {inject, block layers, recurrence norm} → coda →
+head, and hands the residual stream after every layer (and, on request, its attention
+probabilities) to probes. Training uses the same loop with truncated backpropagation and,
+optionally, logits after every recurrence (Ouro-style loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from loopscope.engine.sites import Probe, Site
+from loopscope.nn.layers import Edit
+
+if TYPE_CHECKING:
+    from loopscope.families.base import InitState, LoopedLM
+
+#: Chooses the edit (intervention) for a site, or None to leave it alone.
+EditPlan = Callable[[Site], "Edit | None"]
+
+
+@dataclass
+class LoopOutput:
+    """Result of a forward pass: ``logits`` (batch, T, vocab) and the final block ``state``.
+
+    ``recurrence_logits`` holds the logits read out after every recurrence when asked for
+    (``exit_every_recurrence=True``)."""
+
+    logits: Tensor
+    state: Tensor
+    recurrences: int
+    recurrence_logits: list[Tensor] = field(default_factory=list)
+
+
+class ContextLengthError(ValueError):
+    """A prompt is longer than the model's context."""
+
+
+def _check_inputs(model: LoopedLM, input_ids: Tensor, recurrences: int) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must have shape (batch, tokens), got {tuple(input_ids.shape)}; "
+            "add a batch dimension with input_ids[None]"
+        )
+    length = input_ids.shape[1]
+    if length == 0:
+        raise ValueError("input_ids is empty: give at least one token")
+    if length > model.meta.context_length:
+        raise ContextLengthError(
+            f"prompt has {length} tokens but {model.meta.name or model.meta.family} has a "
+            f"context of {model.meta.context_length}; shorten the prompt or pass "
+            f"max_tokens={model.meta.context_length} to truncate"
+        )
+    if recurrences < 1:
+        raise ValueError(f"recurrences must be ≥ 1, got {recurrences}")
+
+
+def _run_layers(
+    layers: Sequence[Any],
+    hidden: Tensor,
+    positions: Any,
+    sites: Sequence[Site],
+    probes: Sequence[Probe],
+    want_attn: bool,
+    edit_plan: EditPlan | None,
+) -> Tensor:
+    for layer, site in zip(layers, sites):
+        edit = edit_plan(site) if edit_plan is not None else None
+        hidden, attn = layer(hidden, positions, return_attn=want_attn, edit=edit)
+        for probe in probes:
+            probe.observe(site, hidden, attn if probe.wants_attention else None)
+    return hidden
+
+
+def stage_sites(
+    model: LoopedLM, recurrences: int
+) -> tuple[list[Site], list[list[Site]], list[Site]]:
+    """Every site of a run in realised-depth order: prelude, block per recurrence, coda."""
+    meta = model.meta
+    p, k, c = meta.prelude_layers, meta.block_layers, meta.coda_layers
+    prelude = [Site("prelude", i, 0, i) for i in range(p)]
+    block = [[Site("block", j, r, p + r * k + j) for j in range(k)] for r in range(recurrences)]
+    coda = [Site("coda", i, 0, p + recurrences * k + i) for i in range(c)]
+    return prelude, block, coda
+
+
+def run_loop(
+    model: LoopedLM,
+    input_ids: Tensor,
+    *,
+    recurrences: int | None = None,
+    init_state: InitState | None = None,
+    seed: int = 0,
+    probes: Sequence[Probe] = (),
+    return_attn: bool | None = None,
+    edit_plan: EditPlan | None = None,
+    grad_depth: int | None = None,
+    exit_every_recurrence: bool = False,
+) -> LoopOutput:
+    """Run ``model`` for ``recurrences`` passes of its block (default: its training count).
+
+    ``grad_depth`` truncates backpropagation to the last that many recurrences (Huginn's
+    training); ``exit_every_recurrence`` also reads logits out after every recurrence.
+    """
+    meta = model.meta
+    n_rec = meta.train_recurrences if recurrences is None else int(recurrences)
+    _check_inputs(model, input_ids, n_rec)
+    mode = init_state or meta.default_init_state
+    want_attn = any(p.wants_attention for p in probes) if return_attn is None else return_attn
+    positions = model.positions(input_ids.shape[1], input_ids.device)
+    prelude_sites, block_sites, coda_sites = stage_sites(model, n_rec)
+
+    hidden = model.embed(input_ids)
+    inputs = _run_layers(
+        model.prelude, hidden, positions, prelude_sites, probes, want_attn, edit_plan
+    )
+    generator = None
+    if mode == "random":
+        generator = torch.Generator(device=inputs.device).manual_seed(seed)
+    state = model.initial_state(inputs, mode, generator, model.init_std)
+
+    first_grad = 0 if grad_depth is None else max(0, n_rec - grad_depth)
+    recurrence_logits: list[Tensor] = []
+    for r in range(n_rec):
+        no_grad = r < first_grad and torch.is_grad_enabled()
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            state = model.inject(state, inputs)
+            state = _run_layers(
+                model.block, state, positions, block_sites[r], probes, want_attn, edit_plan
+            )
+            state = model.recurrence_norm(state)
+        if no_grad:
+            state = state.detach()
+        if exit_every_recurrence and r < n_rec - 1:
+            recurrence_logits.append(
+                model.head(
+                    _run_layers(model.coda, state, positions, coda_sites, (), False, edit_plan)
+                )
+            )
+
+    out = _run_layers(model.coda, state, positions, coda_sites, probes, want_attn, edit_plan)
+    logits = model.head(out)
+    if exit_every_recurrence:
+        recurrence_logits.append(logits)
+    return LoopOutput(
+        logits=logits, state=state, recurrences=n_rec, recurrence_logits=recurrence_logits
+    )
+
+
+def block_step(model: LoopedLM, state: Tensor, inputs: Tensor, positions: Any) -> Tensor:
+    """One recurrence as a map Z ↦ F(Z; X): the function whose fixed points and Jacobian the
+    dynamics analyses study."""
+    state = model.inject(state, inputs)
+    for layer in model.block:
+        state, _ = layer(state, positions)
+    return model.recurrence_norm(state)
+
+
+def prelude_output(model: LoopedLM, input_ids: Tensor) -> tuple[Tensor, Any]:
+    """The injected input X (prelude output) and the position tables for a prompt."""
+    positions = model.positions(input_ids.shape[1], input_ids.device)
+    hidden = model.embed(input_ids)
+    for layer in model.prelude:
+        hidden, _ = layer(hidden, positions)
+    return hidden, positions

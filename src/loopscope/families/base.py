@@ -1,0 +1,129 @@
+"""The model-family interface: the eight pieces every looped LM is cut into.
+
+embed → prelude → initial state → per recurrence {injection, block layers, per-recurrence norm}
+→ coda → head. A family (our LoopLM, Huginn's raven format, Ouro, a retrofitted Hugging Face
+decoder, …) is one subclass that provides these pieces; the engine (``loopscope.engine.loop``)
+is the only code that drives recurrences, so every probe, trace and analysis works on every
+family unchanged.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from loopscope.nn.layers import Edit
+
+InitState = Literal["zeros", "random", "prelude"]
+INIT_STATES: tuple[InitState, ...] = ("zeros", "random", "prelude")
+
+
+@dataclass(frozen=True)
+class FamilyMeta:
+    """What an analysis needs to know about a model without looking inside it."""
+
+    family: str
+    prelude_layers: int
+    block_layers: int
+    coda_layers: int
+    train_recurrences: int
+    d_model: int
+    n_heads: int
+    vocab_size: int
+    context_length: int
+    default_init_state: InitState
+    name: str = ""
+
+    @property
+    def layout(self) -> str:
+        """The study's (p, k⊗l, c) notation with l left symbolic."""
+        return f"({self.prelude_layers}, {self.block_layers}⊗l, {self.coda_layers})"
+
+
+class LoopLayer(Protocol):
+    """A layer the engine can drive: returns the new residual stream and, when asked, the
+    attention probabilities (batch, heads, T, T)."""
+
+    def __call__(
+        self, x: Tensor, positions: Any, *, return_attn: bool = False, edit: Edit | None = None
+    ) -> tuple[Tensor, Tensor | None]: ...
+
+
+class LoopedLM(nn.Module, ABC):
+    """Base class of every model family; ``forward`` delegates to the one engine."""
+
+    meta: FamilyMeta
+
+    @property
+    @abstractmethod
+    def prelude(self) -> Sequence[LoopLayer]: ...
+
+    @property
+    @abstractmethod
+    def block(self) -> Sequence[LoopLayer]: ...
+
+    @property
+    @abstractmethod
+    def coda(self) -> Sequence[LoopLayer]: ...
+
+    @abstractmethod
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token ids (batch, T) → residual stream (batch, T, d_model)."""
+
+    @abstractmethod
+    def positions(self, length: int, device: torch.device) -> Any:
+        """Whatever the layers need to know about positions (e.g. rotary tables)."""
+
+    @abstractmethod
+    def inject(self, state: Tensor, inputs: Tensor) -> Tensor:
+        """Combine the recurrent state with the prelude output at the start of a recurrence."""
+
+    @abstractmethod
+    def head(self, hidden: Tensor) -> Tensor:
+        """Final norm and unembedding: residual stream → logits."""
+
+    def recurrence_norm(self, state: Tensor) -> Tensor:
+        """Norm applied to the stream at the end of every recurrence (Ouro); identity here."""
+        return state
+
+    def initial_state(
+        self, inputs: Tensor, mode: InitState, generator: torch.Generator | None, std: float
+    ) -> Tensor:
+        """Z0: zeros, seeded N(0, std²) or the prelude output itself."""
+        if mode == "zeros":
+            return torch.zeros_like(inputs)
+        if mode == "prelude":
+            return inputs
+        if mode == "random":
+            noise = torch.randn(
+                inputs.shape, generator=generator, device=inputs.device, dtype=torch.float32
+            )
+            return (noise * std).to(inputs.dtype)
+        raise ValueError(f"unknown init_state {mode!r}; choose one of {INIT_STATES}")
+
+    @property
+    def init_std(self) -> float:
+        return 1.0
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        recurrences: int | None = None,
+        init_state: InitState | None = None,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> Any:
+        from loopscope.engine.loop import run_loop
+
+        return run_loop(
+            self, input_ids, recurrences=recurrences, init_state=init_state, seed=seed, **kwargs
+        )
+
+    def unembedding(self) -> Tensor:
+        """The (vocab, d_model) unembedding matrix, for logit-lens and neuron analyses."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its unembedding")

@@ -1,0 +1,185 @@
+"""Transformer building blocks shared by LoopLM: norms, rotary embeddings, attention, MLPs and
+the block layer with its four optional norms (SPEC §1).
+
+A block layer computes ``X̂ = n2(X + a·Attn(n1(X)))`` and ``X' = n4(X̂ + a·MLP(n3(X̂)))``; which of
+n1..n4 exist is the *norm scheme*. Ouro's sandwich puts n2/n4 on the branch outputs instead of
+the stream. Every layer can return its attention probabilities (an eager path) and otherwise
+uses PyTorch's fused scaled-dot-product attention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NormScheme = Literal["pre", "post", "huginn", "ouro"]
+NormType = Literal["rms", "layer"]
+MLPType = Literal["gated", "plain"]
+Component = Literal["attn", "mlp"]
+
+#: An edit rewrites a branch output (``component`` is "attn" or "mlp") before it joins the
+#: residual stream; interventions (zero, replace, any callable) are edits.
+Edit = Callable[[Component, Tensor], Tensor]
+
+NORM_SCHEMES: tuple[NormScheme, ...] = ("pre", "post", "huginn", "ouro")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain, computed in fp32 for stability."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def make_norm(kind: NormType, dim: int, eps: float) -> nn.Module:
+    if kind == "rms":
+        return RMSNorm(dim, eps)
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm type {kind!r}; use 'rms' or 'layer'")
+
+
+class Rotary:
+    """Precomputed rotary-embedding tables for ``length`` positions (rotate-half convention)."""
+
+    def __init__(self, head_dim: int, length: int, base: float, device: torch.device) -> None:
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head size, got {head_dim}")
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+        angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
+        emb = torch.cat([angles, angles], dim=-1)
+        self.cos = emb.cos()
+        self.sin = emb.sin()
+
+    def apply(self, x: Tensor) -> Tensor:
+        """Rotate ``x`` of shape (batch, heads, tokens, head_dim)."""
+        t = x.shape[-2]
+        cos = self.cos[:t].to(x.dtype)
+        sin = self.sin[:t].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+def causal_attention_probs(q: Tensor, k: Tensor) -> Tensor:
+    """Row-stochastic causal attention probabilities, (batch, heads, T, T), in fp32."""
+    t = q.shape[-2]
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    mask = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(mask, float("-inf")).softmax(dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with rotary positions."""
+
+    def __init__(self, d_model: int, n_heads: int, bias: bool = False) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(
+        self, x: Tensor, rotary: Rotary, return_attn: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = rotary.apply(q), rotary.apply(k)
+        probs: Tensor | None = None
+        if return_attn:
+            probs = causal_attention_probs(q, k)
+            out = probs.to(v.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d)), probs
+
+
+class MLP(nn.Module):
+    """Gated (SwiGLU) or plain (GELU) feed-forward branch; ``down`` is the output projection
+    whose columns the neuron-class analysis projects onto the unembedding."""
+
+    def __init__(self, d_model: int, hidden: int, kind: MLPType) -> None:
+        super().__init__()
+        self.kind = kind
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.gate = nn.Linear(d_model, hidden, bias=False) if kind == "gated" else None
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate is not None:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x)))
+
+
+def _norm_slots(scheme: NormScheme) -> tuple[bool, bool, bool, bool]:
+    """Which of n1..n4 a scheme uses (SPEC §1)."""
+    return {
+        "pre": (True, False, True, False),
+        "post": (False, True, False, True),
+        "huginn": (True, True, True, True),
+        "ouro": (True, True, True, True),
+    }[scheme]
+
+
+class BlockLayer(nn.Module):
+    """One transformer layer with the norm scheme as data, not as separate classes."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        mlp_hidden: int,
+        *,
+        scheme: NormScheme,
+        norm_type: NormType,
+        mlp_type: MLPType,
+        residual_scale: float = 1.0,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if scheme not in NORM_SCHEMES:
+            raise ValueError(f"unknown norm scheme {scheme!r}; choose one of {NORM_SCHEMES}")
+        self.scheme = scheme
+        self.residual_scale = residual_scale
+        slots = _norm_slots(scheme)
+        self.norms = nn.ModuleList(
+            [make_norm(norm_type, d_model, eps) if used else nn.Identity() for used in slots]
+        )
+        self.attn = Attention(d_model, n_heads)
+        self.mlp = MLP(d_model, mlp_hidden, mlp_type)
+
+    def forward(
+        self, x: Tensor, rotary: Rotary, *, return_attn: bool = False, edit: Edit | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        n1, n2, n3, n4 = self.norms
+        a, probs = self.attn(n1(x), rotary, return_attn)
+        if self.scheme == "ouro":
+            a = n2(a)
+        if edit is not None:
+            a = edit("attn", a)
+        h = x + self.residual_scale * a
+        if self.scheme != "ouro":
+            h = n2(h)
+        m = self.mlp(n3(h))
+        if self.scheme == "ouro":
+            m = n4(m)
+        if edit is not None:
+            m = edit("mlp", m)
+        out = h + self.residual_scale * m
+        if self.scheme != "ouro":
+            out = n4(out)
+        return out, probs

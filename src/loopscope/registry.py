@@ -1,0 +1,118 @@
+"""Named model configurations (litgpt-style): one place that says what ``demo-looped`` or the
+study's ``(2,8⊗4,2)`` model is, for training, ablations and ``loopscope.load``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loopscope.families.looplm import LoopConfig
+from loopscope.training import TrainConfig
+
+
+@dataclass(frozen=True)
+class NamedConfig:
+    model: LoopConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    description: str = ""
+
+
+def _study(name: str, block: int, injection: bool = False) -> NamedConfig:
+    """The study's small trained models: width 512, 4 heads, constant 4 recurrences, final-output
+    loss, pre-norm (SPEC §3)."""
+    model = LoopConfig(
+        name=name,
+        d_model=512,
+        n_heads=4,
+        prelude_layers=2,
+        block_layers=block,
+        coda_layers=2,
+        train_recurrences=4,
+        injection="add" if injection else "none",
+        init_state="zeros" if injection else "prelude",
+        norm_scheme="pre",
+        context_length=384,
+    )
+    train = TrainConfig(steps=20000, batch_size=32, lr=3e-4, warmup_steps=500)
+    return NamedConfig(model, train, f"study model (2,{block}⊗4,2), width 512")
+
+
+_DEMO_TRAIN = TrainConfig(
+    steps=1200,
+    batch_size=16,
+    lr=3e-3,
+    min_lr=3e-4,
+    warmup_steps=60,
+    eval_every=400,
+    eval_problems=64,
+    accuracy_problems=24,
+    max_problem_steps=2,
+    checkpoint_every=50,
+)
+
+REGISTRY: dict[str, NamedConfig] = {
+    "demo-looped": NamedConfig(
+        LoopConfig(
+            name="demo-looped",
+            d_model=96,
+            n_heads=4,
+            prelude_layers=2,
+            block_layers=4,
+            coda_layers=2,
+            train_recurrences=4,
+            injection="add",
+            init_state="zeros",
+            norm_scheme="pre",
+            context_length=384,
+        ),
+        _DEMO_TRAIN,
+        "bundled demo: (2,4⊗4,2) pre-norm with additive injection, width 96",
+    ),
+    "demo-feedforward": NamedConfig(
+        LoopConfig(
+            name="demo-feedforward",
+            d_model=96,
+            n_heads=4,
+            prelude_layers=0,
+            block_layers=12,
+            coda_layers=0,
+            train_recurrences=1,
+            injection="none",
+            init_state="prelude",
+            norm_scheme="pre",
+            context_length=384,
+        ),
+        _DEMO_TRAIN,
+        "bundled demo twin: 12-layer feedforward, width 96",
+    ),
+    "study-2-4x4-2": _study("study-2-4x4-2", 4),
+    "study-2-8x4-2": _study("study-2-8x4-2", 8),
+    "study-2-12x4-2": _study("study-2-12x4-2", 12),
+    "study-2-4x4-2-inject": _study("study-2-4x4-2-inject", 4, injection=True),
+    "study-feedforward-12": NamedConfig(
+        LoopConfig(
+            name="study-feedforward-12",
+            d_model=512,
+            n_heads=4,
+            prelude_layers=0,
+            block_layers=12,
+            coda_layers=0,
+            train_recurrences=1,
+            injection="none",
+            init_state="prelude",
+            norm_scheme="pre",
+            context_length=384,
+        ),
+        TrainConfig(steps=20000, batch_size=32, lr=3e-4, warmup_steps=500),
+        "study feedforward reference: 12 layers, width 512",
+    ),
+}
+
+
+def get_config(name: str) -> NamedConfig:
+    """Look a named config up, with the list of names in the error."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(
+            f"no config named {name!r}; known configs: {', '.join(sorted(REGISTRY))}"
+        ) from None

@@ -1,0 +1,337 @@
+"""Training small looped models on the synthetic reasoning task.
+
+Constant or Huginn-style sampled recurrences, truncated backprop depth, loss on the final
+output or summed over recurrences (Ouro), AdamW with warmup + cosine, periodic held-out loss and
+exact-answer accuracy, safetensors checkpoints, and resume after interruption: the batch of step
+s is a pure function of (seed, s), so a resumed run sees exactly the data it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+RecurrenceSampling = Literal["constant", "huginn"]
+LossKind = Literal["final", "all-recurrences"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and data settings; saved beside every checkpoint."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    recurrence_sampling: RecurrenceSampling = "constant"
+    mean_recurrences: int | None = None
+    max_recurrences: int = 64
+    backprop_depth: int | None = None
+    loss: LossKind = "final"
+    seed: int = 0
+    eval_seed: int = 1
+    min_problem_steps: int = 1
+    max_problem_steps: int = 3
+    eval_every: int = 100
+    eval_problems: int = 64
+    accuracy_problems: int = 16
+    checkpoint_every: int = 100
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def sample_recurrences(step: int, cfg: TrainConfig, train_recurrences: int) -> int:
+    """Recurrences for one step: constant, or Huginn's Poisson-lognormal with the given mean
+    (heavy right tail so the model sees long runs sometimes), seeded by (seed, step)."""
+    if cfg.recurrence_sampling == "constant":
+        return train_recurrences
+    mean = cfg.mean_recurrences or train_recurrences
+    rng = random.Random(derive_seed("recurrences", cfg.seed, step))
+    sigma = 0.5
+    rate = rng.lognormvariate(math.log(mean) - sigma**2 / 2, sigma)
+    return int(min(max(_poisson(rng, rate), 1), cfg.max_recurrences))
+
+
+def _poisson(rng: random.Random, rate: float) -> int:
+    """Knuth's Poisson sampler for small rates, normal approximation for large ones."""
+    if rate > 30:
+        return max(0, round(rng.gauss(rate, math.sqrt(rate))))
+    limit, k, prod = math.exp(-rate), 0, rng.random()
+    while prod > limit:
+        k += 1
+        prod *= rng.random()
+    return k
+
+
+def batch_for_step(
+    step: int, cfg: TrainConfig, context_length: int, seed: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Token ids (batch, T) and a loss mask for training step ``step``; deterministic."""
+    from loopscope.data import ByteTokenizer, format_training_example, generate_problems
+
+    problems = generate_problems(
+        cfg.batch_size,
+        seed=derive_seed("train", cfg.seed if seed is None else seed, step),
+        min_steps=cfg.min_problem_steps,
+        max_steps=cfg.max_problem_steps,
+    )
+    texts = [format_training_example(p.question, p.answer) for p in problems]
+    return encode_texts(texts, context_length, ByteTokenizer())
+
+
+def derive_seed(stream: str, seed: int, index: int) -> int:
+    """A 63-bit seed for item ``index`` of a named stream: training and evaluation data can
+    never collide, whatever the step count."""
+    digest = hashlib.sha256(f"{stream}:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def encode_texts(texts: list[str], context_length: int, tokenizer: Any) -> tuple[Tensor, Tensor]:
+    """Right-padded ids with BOS and EOS, truncated to the context; mask marks real tokens."""
+    rows = [tokenizer.encode(t, bos=True, eos=True)[:context_length] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = True
+    return ids, mask
+
+
+def lm_loss(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """Next-token cross-entropy over real (unpadded) target positions."""
+    targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
+    )
+
+
+def training_loss(
+    model: Any, ids: Tensor, mask: Tensor, recurrences: int, cfg: TrainConfig
+) -> Tensor:
+    out = model(
+        ids,
+        recurrences=recurrences,
+        grad_depth=cfg.backprop_depth,
+        exit_every_recurrence=cfg.loss == "all-recurrences",
+    )
+    if cfg.loss == "all-recurrences":
+        losses = [lm_loss(lg, ids, mask) for lg in out.recurrence_logits]
+        return torch.stack(losses).mean()
+    return lm_loss(out.logits, ids, mask)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/Inf."""
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
+    """State dict without tied duplicates (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    tensors: dict[str, Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor
+    return tensors
+
+
+def save_checkpoint(
+    out_dir: Path, model: Any, train_cfg: TrainConfig, dtype: torch.dtype | None = None
+) -> None:
+    """``model.safetensors`` + ``config.json`` (+ ``train_config.json``), written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = model_tensors(model)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    _atomic_save_tensors(tensors, out_dir / "model.safetensors")
+    _atomic_write_text(out_dir / "config.json", model.config.to_json())
+    _atomic_write_text(out_dir / "train_config.json", json.dumps(asdict(train_cfg), indent=2))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    tensors: dict[str, Tensor] = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"{index}.{key}"] = torch.as_tensor(value)
+    return tensors
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    flat = load_file(str(path))
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, value in flat.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    full = optimizer.state_dict()
+    full["state"] = state
+    optimizer.load_state_dict(full)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps_done: int
+    history: list[dict[str, float]]
+    resumed_from: int
+
+
+def train(
+    model: Any,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+    stop_after: int | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train ``model`` (a LoopLM) and checkpoint into ``out_dir``; resumes if a checkpoint of a
+    previous run of the same config is there. ``stop_after`` ends early after that many new
+    steps (used to test resumption)."""
+    from tqdm.auto import tqdm
+
+    from loopscope.evaluation import evaluate
+
+    out = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
+    )
+    start, history = _maybe_resume(out, model, optimizer, cfg, log)
+    ctx = model.meta.context_length
+    bar = tqdm(
+        total=cfg.steps, initial=start, disable=not progress, desc=f"train {model.meta.name}"
+    )
+    step = start
+    last_save = time.monotonic()
+    try:
+        while step < cfg.steps and (stop_after is None or step - start < stop_after):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg)
+            ids, mask = batch_for_step(step, cfg, ctx)
+            ids, mask = ids.to(device), mask.to(device)
+            model.train()
+            loss = training_loss(
+                model, ids, mask, sample_recurrences(step, cfg, model.meta.train_recurrences), cfg
+            )
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr}) or "
+                    "set backprop_depth; the last good checkpoint is kept in " + str(out)
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                record = {"step": float(step), "train_loss": float(loss.item())}
+                record.update(evaluate(model, cfg, device=device))
+                history.append(record)
+                log(json.dumps(record))
+            if step % cfg.checkpoint_every == 0 or time.monotonic() - last_save > 120:
+                _save_state(out, model, optimizer, cfg, step, history)
+                last_save = time.monotonic()
+    finally:
+        bar.close()
+        if step > start:
+            _save_state(out, model, optimizer, cfg, step, history)
+    return TrainResult(out, step, history, start)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _save_state(
+    out: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    step: int,
+    history: list[dict[str, float]],
+) -> None:
+    save_checkpoint(out, model, cfg)
+    _atomic_save_tensors(_optimizer_tensors(optimizer), out / "optimizer.safetensors")
+    state = {"step": step, "history": history, "train_config": asdict(cfg)}
+    _atomic_write_text(out / "trainer_state.json", json.dumps(state, indent=2))
+
+
+def _maybe_resume(
+    out: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    log: Callable[[str], None],
+) -> tuple[int, list[dict[str, float]]]:
+    state_path = out / "trainer_state.json"
+    if not state_path.exists():
+        return 0, []
+    state = json.loads(state_path.read_text())
+    saved_model = json.loads((out / "config.json").read_text())
+    if saved_model != json.loads(model.config.to_json()) or state["train_config"] != asdict(cfg):
+        raise ValueError(
+            f"{out} holds a checkpoint of a different configuration; use another --out "
+            "directory or delete it to start afresh"
+        )
+    model.load_state_dict(load_file(str(out / "model.safetensors")), strict=False)
+    _load_optimizer(optimizer, out / "optimizer.safetensors")
+    log(f"resuming from step {state['step']} in {out}")
+    return int(state["step"]), list(state["history"])

@@ -1,0 +1,225 @@
+"""LoopLM: every architectural variant runs, is deterministic, and means what it says."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from loopscope.checkpoint import CheckpointError, load_looplm
+from loopscope.engine.loop import ContextLengthError, block_step, prelude_output
+from loopscope.families.looplm import LoopConfig, LoopLM
+from loopscope.nn.injection import INJECTIONS
+from loopscope.nn.layers import NORM_SCHEMES
+from loopscope.registry import REGISTRY, get_config
+from loopscope.training import TrainConfig, save_checkpoint
+
+TINY = LoopConfig(
+    name="tiny",
+    vocab_size=50,
+    d_model=16,
+    n_heads=2,
+    prelude_layers=1,
+    block_layers=2,
+    coda_layers=1,
+    train_recurrences=3,
+    context_length=32,
+)
+
+
+def _ids(seed: int = 0, batch: int = 2, length: int = 9) -> torch.Tensor:
+    return torch.randint(0, 50, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("injection", "scheme"), list(itertools.product(INJECTIONS, NORM_SCHEMES)))
+def test_every_variant_runs_forward_backward_and_is_deterministic(
+    injection: str, scheme: str
+) -> None:
+    init = "prelude" if injection == "none" else "random"
+    cfg = TINY.with_(injection=injection, norm_scheme=scheme, init_state=init)
+    model = LoopLM(cfg)
+    out = model(_ids(), seed=3)
+    assert out.logits.shape == (2, 9, 50)
+    assert torch.isfinite(out.logits).all()
+    out.logits.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    again = LoopLM(cfg)(_ids(), seed=3).logits
+    torch.testing.assert_close(out.logits.detach(), again.detach(), rtol=0, atol=0)
+
+
+def test_random_initial_state_depends_on_seed_only() -> None:
+    model = LoopLM(TINY.with_(init_state="random"))
+    a = model(_ids(), seed=1).logits
+    b = model(_ids(), seed=1).logits
+    c = model(_ids(), seed=2).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)
+
+
+def test_different_init_seed_gives_different_weights() -> None:
+    a = LoopLM(TINY.with_(init_seed=0)).block[0].attn.qkv.weight
+    b = LoopLM(TINY.with_(init_seed=1)).block[0].attn.qkv.weight
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("injection", ["none", "add"])
+def test_single_recurrence_equals_feedforward_stack(injection: str) -> None:
+    init = "prelude" if injection == "none" else "zeros"
+    looped = LoopLM(TINY.with_(injection=injection, init_state=init, train_recurrences=1))
+    ff = LoopLM(
+        TINY.with_(
+            prelude_layers=0,
+            coda_layers=0,
+            block_layers=4,
+            train_recurrences=1,
+            injection="none",
+            init_state="prelude",
+        )
+    )
+    layers = list(looped.prelude) + list(looped.block) + list(looped.coda)
+    for target, source in zip(ff.block, layers):
+        target.load_state_dict(source.state_dict())
+    ff.tok_embeddings.load_state_dict(looped.tok_embeddings.state_dict())
+    ff.final_norm.load_state_dict(looped.final_norm.state_dict())
+    torch.testing.assert_close(looped(_ids(), recurrences=1).logits, ff(_ids()).logits)
+
+
+@pytest.mark.parametrize("injection", ["add", "concat-linear", "gated", "diagonal"])
+def test_recurrences_equal_applying_block_by_hand(injection: str) -> None:
+    model = LoopLM(TINY.with_(injection=injection, norm_scheme="huginn", init_state="zeros"))
+    ids = _ids()
+    with torch.no_grad():
+        inputs, positions = prelude_output(model, ids)
+        state = torch.zeros_like(inputs)
+        for _ in range(5):
+            state = model.injection(state, inputs)
+            for layer in model.block:
+                state, _ = layer(state, positions)
+        hand = state
+        for layer in model.coda:
+            hand, _ = layer(hand, positions)
+        expected = model.head(hand)
+        out = model(ids, recurrences=5)
+    torch.testing.assert_close(out.logits, expected)
+    torch.testing.assert_close(out.state, state)
+
+
+def test_block_step_is_one_recurrence() -> None:
+    model = LoopLM(TINY.with_(norm_scheme="ouro", injection="add"))
+    ids = _ids()
+    with torch.no_grad():
+        inputs, positions = prelude_output(model, ids)
+        state = torch.zeros_like(inputs)
+        for _ in range(2):
+            state = block_step(model, state, inputs, positions)
+        assert torch.allclose(state, model(ids, recurrences=2).state, atol=1e-6)
+
+
+def test_eager_attention_matches_fused_and_is_row_stochastic() -> None:
+    model = LoopLM(TINY)
+    captured: list[torch.Tensor] = []
+
+    class Grab:
+        wants_attention = True
+
+        def observe(self, site: object, hidden: torch.Tensor, attn: torch.Tensor | None) -> None:
+            assert attn is not None
+            captured.append(attn)
+
+    fused = model(_ids()).logits
+    eager = model(_ids(), probes=[Grab()]).logits
+    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
+    assert len(captured) == 1 + 2 * 3 + 1
+    attn = captured[0]
+    torch.testing.assert_close(attn.sum(-1), torch.ones_like(attn.sum(-1)))
+    assert float(attn.triu(1).abs().max()) == 0.0
+
+
+def test_truncated_backprop_stops_gradient_to_early_recurrences() -> None:
+    model = LoopLM(TINY.with_(injection="add"))
+    out = model(_ids(), recurrences=4, grad_depth=1)
+    out.logits.sum().backward()
+    assert model.block[0].attn.qkv.weight.grad is not None
+    full = LoopLM(TINY.with_(injection="add"))
+    full(_ids(), recurrences=4).logits.sum().backward()
+    assert not torch.allclose(
+        model.block[0].attn.qkv.weight.grad, full.block[0].attn.qkv.weight.grad
+    )
+
+
+def test_exit_every_recurrence_returns_one_logit_per_pass() -> None:
+    out = LoopLM(TINY)(_ids(), recurrences=3, exit_every_recurrence=True)
+    assert len(out.recurrence_logits) == 3
+    torch.testing.assert_close(out.recurrence_logits[-1], out.logits)
+
+
+def test_bad_inputs_get_clear_errors() -> None:
+    model = LoopLM(TINY)
+    with pytest.raises(ContextLengthError, match="context of 32"):
+        model(_ids(length=40))
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        model(torch.full((1, 4), 99))
+    with pytest.raises(ValueError, match="recurrences must be"):
+        model(_ids(), recurrences=0)
+    with pytest.raises(ValueError, match="never sees the input"):
+        TINY.with_(injection="none", init_state="zeros")
+    with pytest.raises(ValueError, match="unknown LoopConfig fields"):
+        LoopConfig.from_dict({"d_modle": 3})
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
+    model = LoopLM(TINY)
+    save_checkpoint(tmp_path / "ok", model, TrainConfig())
+    loaded = load_looplm(tmp_path / "ok")
+    torch.testing.assert_close(loaded(_ids()).logits, model(_ids()).logits)
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "ok" / "model.safetensors"))
+    tensors.pop("block_stack.0.attn.proj.weight")
+    tensors["extra.weight"] = torch.zeros(2)
+    tensors["coda_stack.0.mlp.up.weight"] = torch.zeros(3, 3)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        load_looplm(bad)
+    message = str(err.value)
+    assert "block_stack.0.attn.proj.weight" in message
+    assert "extra.weight" in message
+    assert "coda_stack.0.mlp.up.weight" in message
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not really")
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_looplm(pickled)
+
+
+def test_registry_has_the_study_models() -> None:
+    for name in [
+        "demo-looped",
+        "demo-feedforward",
+        "study-2-4x4-2",
+        "study-2-8x4-2",
+        "study-2-12x4-2",
+        "study-feedforward-12",
+    ]:
+        assert name in REGISTRY
+    study = get_config("study-2-12x4-2").model
+    assert (
+        study.d_model,
+        study.n_heads,
+        study.prelude_layers,
+        study.block_layers,
+        study.coda_layers,
+        study.train_recurrences,
+    ) == (512, 4, 2, 12, 2, 4)
+    with pytest.raises(KeyError, match="known configs"):
+        get_config("nope")
