@@ -3,7 +3,7 @@ study's ``(2,8⊗4,2)`` model is, for training, ablations and ``loopscope.load``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from loopscope.families.looplm import LoopConfig
 from loopscope.training import TrainConfig
@@ -59,13 +59,20 @@ REGISTRY: dict[str, NamedConfig] = {
             block_layers=4,
             coda_layers=2,
             train_recurrences=4,
-            injection="add",
+            injection="concat-linear",
             init_state="zeros",
             norm_scheme="pre",
             context_length=384,
         ),
-        _DEMO_TRAIN,
-        "bundled demo: (2,4⊗4,2) pre-norm with additive injection, width 96",
+        replace(
+            _DEMO_TRAIN,
+            recurrence_sampling="huginn",
+            mean_recurrences=4,
+            max_recurrences=16,
+            backprop_depth=8,
+        ),
+        "bundled demo: (2,4⊗l,2) pre-norm with concat-linear injection (the retrofitted "
+        "models' design), width 96, trained on Huginn-style sampled recurrences (mean 4)",
     ),
     "demo-feedforward": NamedConfig(
         LoopConfig(

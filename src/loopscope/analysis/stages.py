@@ -50,6 +50,8 @@ METRICS: tuple[str, ...] = (
 ATTENTION_METRICS: frozenset[str] = frozenset(
     {"colsum_concentration", "sink_rate", "sink_score", "mixing"}
 )
+# StagesAccumulator lays its sums out in METRICS order with the attention metrics first.
+assert set(METRICS[: len(ATTENTION_METRICS)]) == ATTENTION_METRICS
 
 _TINY = 1e-12
 
@@ -135,9 +137,13 @@ def matrix_entropy(
     # many orders of magnitude, which float32 Gram eigenvalues would blur (MPS has no float64).
     xg = x.double() if x.device.type != "mps" else x
     gram = xg @ xg.mT if x.shape[-2] <= x.shape[-1] else xg.mT @ xg
+    # A diverged state (NaN/Inf) has no spectrum: report NaN for it instead of failing the run.
+    finite = torch.isfinite(gram).flatten(-2).all(-1)
+    gram = torch.where(finite[..., None, None], gram, torch.zeros_like(gram))
     ev = torch.linalg.eigvalsh(gram).clamp_min(0.0)
     p = ev / ev.sum(-1, keepdim=True).clamp_min(_TINY)
     h = _entropy(p).to(x.dtype)
+    h = torch.where(finite, h, torch.full_like(h, float("nan")))
     t = x.shape[-2]
     if normalize:
         h = h / math.log(t) if t > 1 else torch.zeros_like(h)
@@ -398,10 +404,14 @@ class StagesAccumulator:
     """Probe that reduces every observed (hidden, attn) to per-site metric sums on the fly.
 
     Each call adds one value per batch item (prompt) for every metric; attention metrics are
-    first averaged over heads. Sums stay as 0-dim tensors on the input's device (no host sync
-    per call) and no hidden state or attention matrix is retained. Assumes an *unpadded* batch:
-    every item's T tokens are real (run B = 1 or equal-length prompts); padding would leak into
-    the column sums and the Gram spectrum.
+    first averaged over heads. Sums stay on the input's device (no host sync per call) and no
+    hidden state or attention matrix is retained. Assumes an *unpadded* batch: every item's T
+    tokens are real (run B = 1 or equal-length prompts); padding would leak into the column sums
+    and the Gram spectrum.
+
+    The per-call work is fused for speed (this probe runs at every layer application): the
+    attention metrics share one column-mean of A, and all metrics of a call are added to the
+    site's float64 sum vector in one operation. The values equal those of the metric functions.
     """
 
     wants_attention: bool = True
@@ -418,41 +428,72 @@ class StagesAccumulator:
         self.reset()
 
     def reset(self) -> None:
+        # Per site: a float64 vector of sums in METRICS order (attention metrics first), and
+        # 0-dim views of it for the metrics observed so far (what result() reads).
+        self._buffers: dict[Site, torch.Tensor] = {}
         self._sums: dict[Site, dict[str, torch.Tensor]] = {}
         self._counts: dict[Site, dict[str, int]] = {}
 
-    def _add(self, site: Site, name: str, values: torch.Tensor) -> None:
-        sums = self._sums.setdefault(site, {})
-        counts = self._counts.setdefault(site, {})
-        v = values.detach().double().sum()
-        sums[name] = sums[name] + v if name in sums else v
-        counts[name] = counts.get(name, 0) + values.numel()
+    def _attention_values(self, a: torch.Tensor) -> list[torch.Tensor]:
+        """ColSum concentration, sink rate, sink score and mixing, each (B,), from (B, H, T, T).
+
+        Same arithmetic as the metric functions, sharing the column mean ĉ = sink scores.
+        """
+        t = a.shape[-1]
+        s = a.mean(-2)  # (B, H, T): column sums / T = sink scores
+        if t == 1:
+            col = torch.ones(s.shape[:-1], dtype=s.dtype, device=s.device)
+        else:
+            col = 1.0 + torch.special.xlogy(s, s).sum(-1) / math.log(t)
+        at = s.amax(-1) if self.sink_position is None else s[..., self.sink_position]
+        rate = (at >= self.sink_threshold).to(s.dtype).mean(-1)
+        mixing = torch.special.xlogy(a, a).sum(-1).mean(-1).mean(-1)
+        return [col.mean(-1), rate, s[..., 0].mean(-1), mixing.neg()]
 
     @torch.no_grad()
     def observe(self, site: Site, hidden: torch.Tensor, attn: torch.Tensor | None) -> None:
         h = hidden.reshape(-1, *hidden.shape[-2:])  # (B, T, D)
-        self._add(site, "matrix_entropy", matrix_entropy(h, True, self.row_normalize_entropy))
-        self._add(site, "residual_norm", residual_norm(h))
-        self._add(site, "massive_ratio", massive_ratio(h))
-        if attn is None:
-            return
-        a = attn.reshape(-1, *attn.shape[-3:])  # (B, H, T, T)
-        self._add(site, "colsum_concentration", colsum_concentration(a).mean(-1))
-        self._add(site, "sink_rate", sink_rate(a, self.sink_threshold, self.sink_position))
-        self._add(site, "sink_score", sink_scores(a)[..., 0].mean(-1))
-        self._add(site, "mixing", mixing_score(a).mean(-1))
+        values = [
+            matrix_entropy(h, True, self.row_normalize_entropy),
+            residual_norm(h),
+            massive_ratio(h),
+        ]
+        names = METRICS[len(ATTENTION_METRICS) :]
+        if attn is not None:
+            a = _f32(attn.detach()).reshape(-1, *attn.shape[-3:])  # (B, H, T, T)
+            values = self._attention_values(a) + values
+            names = METRICS
+        total = torch.stack(values).detach().double().sum(-1)  # (k,) sums over the batch
+        buf = self._buffers.get(site)
+        if buf is None:
+            buf = torch.zeros(len(METRICS), dtype=torch.float64, device=total.device)
+            self._buffers[site] = buf
+        (buf if len(names) == len(METRICS) else buf[len(METRICS) - len(names) :]).add_(total)
+        sums = self._sums.setdefault(site, {})
+        counts = self._counts.setdefault(site, {})
+        offset = len(METRICS) - len(names)
+        for i, name in enumerate(names):
+            if name not in sums:
+                sums[name] = buf[offset + i]
+            counts[name] = counts.get(name, 0) + h.shape[0]
 
     def result(self) -> StagesProfile:
-        """Average per site; one device→host transfer per (site, metric)."""
+        """Average per site; one device→host transfer for all sites."""
         sites = sorted(self._sums, key=lambda s: s.depth)
+        host = (
+            torch.stack([self._buffers[s] for s in sites]).cpu().numpy()
+            if sites
+            else np.zeros((0, len(METRICS)))
+        )
         metrics = {
             m: np.array(
                 [
-                    float(self._sums[s][m]) / self._counts[s][m] if m in self._sums[s] else np.nan
-                    for s in sites
-                ]
+                    host[i, j] / self._counts[s][m] if m in self._sums[s] else np.nan
+                    for i, s in enumerate(sites)
+                ],
+                dtype=np.float64,
             )
-            for m in METRICS
+            for j, m in enumerate(METRICS)
         }
         counts = np.array([max(self._counts[s].values(), default=0) for s in sites])
         meta = {

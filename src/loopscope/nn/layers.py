@@ -102,7 +102,9 @@ class Attention(nn.Module):
         probs: Tensor | None = None
         if return_attn:
             probs = causal_attention_probs(q, k)
-            out = probs.to(v.dtype) @ v
+            # 0 · NaN is NaN: without this a diverged later token would poison every earlier one
+            # through the masked (zero-probability) entries of the batched causal product.
+            out = probs.to(v.dtype) @ torch.where(torch.isfinite(v), v, torch.zeros_like(v))
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(out.transpose(1, 2).reshape(b, t, d)), probs

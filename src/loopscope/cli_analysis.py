@@ -1,0 +1,99 @@
+"""CLI subcommands that trace and analyse: ``trace``, ``analyze``, ``report``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from loopscope.trace import TraceSettings
+
+
+def _settings(args: argparse.Namespace) -> TraceSettings:
+    positions: str | list[int] = args.positions
+    if args.positions not in ("all", "last"):
+        try:
+            positions = [int(p) for p in args.positions.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"--positions must be 'all', 'last' or comma-separated ints, got {args.positions!r}"
+            ) from None
+    layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
+    return TraceSettings(
+        recurrences=args.recurrences,
+        init_state=args.init_state,
+        seed=args.seed,
+        positions=positions,
+        layers=layers,
+        capture=args.capture,
+        attention=not args.no_attention,
+        stability_prompts=args.stability_prompts,
+    )
+
+
+def _add_trace_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="'demo', 'demo-feedforward' or a checkpoint directory")
+    p.add_argument("--prompts", required=True, help="GSM8K/HellaSwag JSONL or a .txt file")
+    p.add_argument("--recurrences", type=int, default=128)
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--init-state", choices=["zeros", "random", "prelude"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--positions", default="all", help="all | last | comma-separated indices")
+    p.add_argument("--layers", help="block layers to keep, comma-separated (default all)")
+    p.add_argument("--capture", choices=["full", "summary"], default="full")
+    p.add_argument("--no-attention", action="store_true")
+    p.add_argument("--stability-prompts", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from loopscope.pipeline import trace
+
+    store = trace(
+        args.model,
+        args.prompts,
+        args.out,
+        _settings(args),
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
+    print(f"traced {len(store)} prompts into {store.path}")
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from loopscope.pipeline import report, trace
+
+    out = Path(args.out)
+    store = trace(
+        args.model,
+        args.prompts,
+        out / "trace",
+        _settings(args),
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
+    paths = report(store.path, out)
+    print(f"report: {paths.html}\nmetrics: {paths.metrics_json}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from loopscope.pipeline import report
+
+    paths = report(args.trace_dir, args.out)
+    print(f"report: {paths.html}\nmetrics: {paths.metrics_json}")
+    return 0
+
+
+def add_analysis_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trace", help="record every layer at every recurrence into a trace")
+    _add_trace_options(p)
+    p.set_defaults(handler=_cmd_trace)
+    p = sub.add_parser("analyze", help="trace, then write the HTML report and metrics.json")
+    _add_trace_options(p)
+    p.set_defaults(handler=_cmd_analyze)
+    p = sub.add_parser("report", help="write the report of an existing trace")
+    p.add_argument("trace_dir")
+    p.add_argument("--out", help="output directory (default: the trace directory)")
+    p.set_defaults(handler=_cmd_report)

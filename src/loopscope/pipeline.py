@@ -1,0 +1,101 @@
+"""Trace + analyses + report in one go, the same from Python and from the CLI.
+
+>>> import loopscope.pipeline as lp
+>>> lp.analyze("demo", "prompts.jsonl", "out/", recurrences=64)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from loopscope.analysis.trace_analysis import Thresholds, analyse_dynamics
+from loopscope.families.base import LoopedLM
+from loopscope.report.html import ReportPaths, Section, write_report
+from loopscope.trace import PromptInput, TraceSettings, TraceStore, trace_prompts
+
+
+def resolve_model(source: str | LoopedLM) -> LoopedLM:
+    if isinstance(source, LoopedLM):
+        return source
+    import loopscope
+
+    model: LoopedLM = loopscope.load(source)
+    return model
+
+
+def prompt_inputs(path: str | Path, *, limit: int | None = None) -> list[PromptInput]:
+    """Prompts from a GSM8K / HellaSwag JSONL or a text file, tokenised for our models."""
+    from loopscope.data import ByteTokenizer, load_prompts
+
+    texts = load_prompts(path)
+    if limit is not None:
+        texts = texts[:limit]
+    tokenizer = ByteTokenizer()
+    return [PromptInput(text, tokenizer.encode(text, bos=True)) for text in texts]
+
+
+def trace(
+    model: str | LoopedLM,
+    prompts: str | Path | list[PromptInput],
+    out_dir: str | Path,
+    settings: TraceSettings | None = None,
+    *,
+    limit: int | None = None,
+    progress: bool = True,
+) -> TraceStore:
+    """Trace ``prompts`` through ``model`` into ``out_dir`` (resumable)."""
+    resolved = resolve_model(model)
+    inputs = prompts if isinstance(prompts, list) else prompt_inputs(prompts, limit=limit)
+    return trace_prompts(resolved, inputs, out_dir, settings or TraceSettings(), progress=progress)
+
+
+def report(
+    trace_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    thresholds: Thresholds | None = None,
+    extra_sections: list[Section] | None = None,
+    extra_metrics: dict[str, Any] | None = None,
+    title: str | None = None,
+) -> ReportPaths:
+    """Analyse a trace and write ``report.html``, ``figures/`` and ``metrics.json``."""
+    store = TraceStore(trace_dir)
+    analysis = analyse_dynamics(store, thresholds)
+    meta = store.meta
+    layout = (
+        f"({meta['prelude_layers']}, {meta['block_layers']}⊗{store.settings['recurrences']}, "
+        f"{meta['coda_layers']})"
+    )
+    metrics = {"model": meta, "dynamics": analysis.metrics, **(extra_metrics or {})}
+    return write_report(
+        Path(out_dir or trace_dir),
+        title=title or f"loopscope report — {meta.get('name') or meta['family']}",
+        subtitle=(
+            f"family {meta['family']}, layout {layout}, trained with "
+            f"{meta['train_recurrences']} recurrences; {len(store)} prompts traced"
+        ),
+        verdict=analysis.verdict,
+        sections=analysis.sections + (extra_sections or []),
+        metrics=metrics,
+        prompts=[store.texts[i] for i in store.completed()],
+    )
+
+
+def analyze(
+    model: str | LoopedLM,
+    prompts: str | Path | list[PromptInput],
+    out_dir: str | Path,
+    *,
+    recurrences: int = 128,
+    settings: TraceSettings | None = None,
+    limit: int | None = None,
+    thresholds: Thresholds | None = None,
+    progress: bool = True,
+) -> ReportPaths:
+    """Trace into ``out_dir/trace`` and write the report into ``out_dir``."""
+    out = Path(out_dir)
+    chosen = replace(settings or TraceSettings(), recurrences=recurrences)
+    store = trace(model, prompts, out / "trace", chosen, limit=limit, progress=progress)
+    return report(store.path, out, thresholds=thresholds)

@@ -1,0 +1,463 @@
+"""Tracing: run a model over prompts and write one chunked, resumable trace directory.
+
+Layout (one chunk per prompt; arrays are ``.npy`` so they open lazily with ``mmap_mode="r"``)::
+
+    TRACE/trace.json          format, model fingerprint, run settings, labelled dimensions
+    TRACE/prompt_00000/       written under a temporary name, renamed when complete
+        tokens.npy            (T,) token ids
+        block.npy             (R, L, T, D) residual stream after each block layer  [full capture]
+        prelude.npy, coda.npy (layers, T, D)                                       [full capture]
+        attn.npy              (R, L, H, T, T) attention probabilities      [full capture + attn]
+        summary.npz           online reductions (successive differences, norms, distances to
+                              the fixed point, attention changes, divergent tokens)
+        stages.json           stages-of-inference profile of this prompt
+        stability.json        spectral radii at the fixed point (first prompts only)
+
+An interrupted run resumes at the first prompt without a finished chunk; a directory traced
+with another model or other settings is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from loopscope.engine.loop import ContextLengthError, EditPlan, block_step, prelude_output
+from loopscope.engine.probes import CaptureProbe, DynamicsProbe, DynamicsSummary
+from loopscope.families.base import LoopedLM
+
+FORMAT = "loopscope-trace/1"
+DIMS = {
+    "tokens": ["token"],
+    "block": ["recurrence", "layer", "token", "hidden"],
+    "prelude": ["layer", "token", "hidden"],
+    "coda": ["layer", "token", "hidden"],
+    "attn": ["recurrence", "layer", "head", "query", "key"],
+}
+
+
+class TraceError(ValueError):
+    """A trace that cannot be written or read as asked."""
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    """What to run and what to keep. ``positions``: "all", "last" or explicit indices;
+    ``layers``: block layers to keep (None = all); ``capture``: "full" writes states,
+    "summary" keeps only online reductions (then a second pass measures distances to the
+    fixed point). Attention is kept for the first ``attention_recurrences`` recurrences and the
+    last one."""
+
+    recurrences: int = 64
+    init_state: str | None = None
+    seed: int = 0
+    positions: str | list[int] = "all"
+    layers: list[int] | None = None
+    capture: str = "full"
+    attention: bool = True
+    attention_recurrences: int = 16
+    stability_prompts: int = 2
+    stability_iters: int = 40
+    state_dtype: str = "float32"
+
+    def validate(self, model: LoopedLM) -> None:
+        if self.capture not in ("full", "summary"):
+            raise TraceError(f"capture must be 'full' or 'summary', got {self.capture!r}")
+        if self.recurrences < 2:
+            raise TraceError("recurrences must be ≥ 2 to measure any dynamics")
+        k = model.meta.block_layers
+        bad = [layer for layer in self.layers or [] if not 0 <= layer < k]
+        if bad:
+            raise TraceError(
+                f"unknown block layer index {bad}: {model.meta.name or model.meta.family} has "
+                f"{k} block layers (0..{k - 1})"
+            )
+        if self.state_dtype not in ("float16", "float32"):
+            raise TraceError("state_dtype must be 'float16' or 'float32'")
+
+
+@dataclass
+class PromptInput:
+    text: str
+    ids: list[int]
+
+
+def model_fingerprint(model: LoopedLM) -> dict[str, Any]:
+    """Identity of a model for trace compatibility: its metadata and a weight checksum."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        flat = tensor.detach().float().flatten()
+        digest.update(flat[:: max(1, flat.numel() // 64)].cpu().numpy().tobytes())
+    return {"meta": asdict(model.meta), "weights_sha256": digest.hexdigest()[:16]}
+
+
+def _positions(settings: TraceSettings, length: int) -> list[int] | None:
+    if settings.positions == "all":
+        return None
+    if settings.positions == "last":
+        return [length - 1]
+    if isinstance(settings.positions, list):
+        bad = [p for p in settings.positions if not -length <= p < length]
+        if bad:
+            raise TraceError(f"token positions {bad} lie outside a prompt of {length} tokens")
+        return [p % length for p in settings.positions]
+    raise TraceError(f"positions must be 'all', 'last' or a list of ints, got {settings.positions}")
+
+
+def _attention_kept(settings: TraceSettings) -> list[int]:
+    """The first ``attention_recurrences`` recurrences plus the last (the fixed-point
+    reference for attention distances)."""
+    first = list(range(min(settings.attention_recurrences, settings.recurrences)))
+    return sorted(set(first) | {settings.recurrences - 1})
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=True))
+    os.replace(tmp, path)
+
+
+def _chunk_name(index: int) -> str:
+    return f"prompt_{index:05d}"
+
+
+def _summary_arrays(summary: DynamicsSummary) -> dict[str, np.ndarray]:
+    return {k: v for k, v in asdict(summary).items() if v is not None}
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def _open_trace_dir(out: Path, header: dict[str, Any]) -> None:
+    """Create the directory or check that it holds a trace of the same model and settings."""
+    meta_path = out / "trace.json"
+    if meta_path.exists():
+        existing = json.loads(meta_path.read_text())
+        for key in ("format", "model", "settings", "prompts_sha256"):
+            if existing.get(key) != header.get(key):
+                raise TraceError(
+                    f"{out} already holds a trace with a different {key} "
+                    f"({existing.get(key)!r} vs {header.get(key)!r}); choose another --out "
+                    "directory, or delete it to start afresh"
+                )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_json(meta_path, header)
+
+
+def _prompts_digest(prompts: Sequence[PromptInput]) -> str:
+    digest = hashlib.sha256()
+    for p in prompts:
+        digest.update(json.dumps(p.ids).encode())
+    return digest.hexdigest()[:16]
+
+
+def trace_prompts(
+    model: LoopedLM,
+    prompts: Sequence[PromptInput],
+    out_dir: str | Path,
+    settings: TraceSettings,
+    *,
+    tokenizer_name: str = "byte",
+    bos: bool = True,
+    progress: bool = True,
+    stop_after: int | None = None,
+    edit_plan: EditPlan | None = None,
+) -> TraceStore:
+    """Trace every prompt into ``out_dir`` (resuming where a previous run stopped).
+
+    ``edit_plan`` applies interventions while tracing; ``stop_after`` ends after that many
+    new prompts (what an interrupted run looks like, for tests)."""
+    from tqdm.auto import tqdm
+
+    settings.validate(model)
+    if not prompts:
+        raise TraceError("no prompts to trace: the prompt file is empty")
+    for index, prompt in enumerate(prompts):
+        if len(prompt.ids) > model.meta.context_length:
+            raise ContextLengthError(
+                f"prompt {index} has {len(prompt.ids)} tokens but the model's context is "
+                f"{model.meta.context_length}; shorten it or remove it from the prompt file"
+            )
+        if not prompt.ids:
+            raise TraceError(f"prompt {index} is empty after tokenisation")
+    out = Path(out_dir)
+    header = {
+        "format": FORMAT,
+        "model": model_fingerprint(model),
+        "settings": asdict(settings),
+        "tokenizer": {"name": tokenizer_name, "bos": bos},
+        "prompts_sha256": _prompts_digest(prompts),
+        "n_prompts": len(prompts),
+        "dims": DIMS,
+    }
+    _open_trace_dir(out, header)
+    (out / "prompts.jsonl").write_text(
+        "".join(json.dumps({"text": p.text, "n_tokens": len(p.ids)}) + "\n" for p in prompts)
+    )
+    done = 0
+    todo = [i for i in range(len(prompts)) if not (out / _chunk_name(i)).is_dir()]
+    model.eval()
+    bar = tqdm(
+        total=len(prompts), initial=len(prompts) - len(todo), disable=not progress, desc="trace"
+    )
+    try:
+        for index in todo:
+            if stop_after is not None and done >= stop_after:
+                break
+            _trace_one(model, prompts[index], out, index, settings, edit_plan)
+            done += 1
+            bar.update(1)
+    finally:
+        bar.close()
+    return TraceStore(out)
+
+
+def _trace_one(
+    model: LoopedLM,
+    prompt: PromptInput,
+    out: Path,
+    index: int,
+    settings: TraceSettings,
+    edit_plan: EditPlan | None = None,
+) -> None:
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt.ids], device=device)
+    keep = _positions(settings, len(prompt.ids))
+    capture = None
+    if settings.capture == "full":
+        capture = CaptureProbe(
+            positions=keep,
+            layers=settings.layers,
+            attention=settings.attention,
+            attention_recurrences=_attention_kept(settings),
+            dtype=torch.float16 if settings.state_dtype == "float16" else torch.float32,
+        )
+    from loopscope.analysis.stages import StagesAccumulator
+
+    stages = StagesAccumulator()
+    dynamics = DynamicsProbe(
+        settings.recurrences, model.meta.block_layers, track_attention=settings.attention
+    )
+    probes: list[Any] = [dynamics, stages] + ([capture] if capture is not None else [])
+    with torch.no_grad():
+        model(
+            ids,
+            recurrences=settings.recurrences,
+            init_state=settings.init_state,
+            seed=settings.seed,
+            probes=probes,
+            return_attn=settings.attention,
+            edit_plan=edit_plan,
+        )
+    summary = dynamics.result()
+    if settings.capture == "summary":
+        summary = _second_pass(model, ids, settings, edit_plan)
+    chunk = out / (_chunk_name(index) + ".partial")
+    if chunk.exists():
+        shutil.rmtree(chunk)
+    chunk.mkdir()
+    np.save(chunk / "tokens.npy", np.asarray(prompt.ids, dtype=np.int64))
+    if capture is not None:
+        for stage in ("prelude", "block", "coda"):
+            np.save(chunk / f"{stage}.npy", capture.stage_array(stage))
+        attn = capture.attention_array()
+        if attn is not None:
+            np.save(chunk / "attn.npy", attn)
+            np.save(chunk / "attn_recurrences.npy", np.asarray(_attention_kept(settings)))
+    save_npz: Any = np.savez  # numpy's stub mistypes **arrays
+    save_npz(chunk / "summary.npz", **_summary_arrays(summary))
+    _atomic_json(chunk / "stages.json", stages.result().to_dict())
+    if index < settings.stability_prompts:
+        _atomic_json(chunk / "stability.json", stability_at_fixed_point(model, ids, settings))
+    os.replace(chunk, out / _chunk_name(index))
+
+
+def _final_layer_states(
+    model: LoopedLM, ids: Tensor, settings: TraceSettings, edit_plan: EditPlan | None
+) -> Tensor:
+    """Per-layer states (L, T, D) at the last recurrence: the approximate fixed point X*."""
+    capture = CaptureProbe(recurrences=[settings.recurrences - 1])
+    with torch.no_grad():
+        model(
+            ids,
+            recurrences=settings.recurrences,
+            init_state=settings.init_state,
+            seed=settings.seed,
+            probes=[capture],
+            edit_plan=edit_plan,
+        )
+    return torch.from_numpy(capture.stage_array("block")[0]).to(ids.device)
+
+
+def _second_pass(
+    model: LoopedLM, ids: Tensor, settings: TraceSettings, edit_plan: EditPlan | None
+) -> DynamicsSummary:
+    """Distances to the fixed point without storing states: one pass finds X*, the next
+    measures every recurrence against it."""
+    reference = _final_layer_states(model, ids, settings, edit_plan)
+    probe = DynamicsProbe(
+        settings.recurrences,
+        model.meta.block_layers,
+        reference=reference,
+        track_attention=settings.attention,
+    )
+    with torch.no_grad():
+        model(
+            ids,
+            recurrences=settings.recurrences,
+            init_state=settings.init_state,
+            seed=settings.seed,
+            probes=[probe],
+            return_attn=settings.attention,
+            edit_plan=edit_plan,
+        )
+    return probe.result()
+
+
+def stability_at_fixed_point(
+    model: LoopedLM, ids: Tensor, settings: TraceSettings
+) -> dict[str, Any]:
+    """Spectral radius of the whole block map and of each block layer's Jacobian at the
+    approximate fixed point reached after ``settings.recurrences`` recurrences."""
+    from loopscope.analysis.stability import spectral_radius
+
+    with torch.no_grad():
+        inputs, positions = prelude_output(model, ids)
+        out = model(
+            ids,
+            recurrences=settings.recurrences,
+            init_state=settings.init_state,
+            seed=settings.seed,
+        )
+    z_star = out.state[0]
+    x = inputs[0]
+
+    def block_map(z: Tensor) -> Tensor:
+        return block_step(model, z[None], x[None], positions)[0]
+
+    whole = spectral_radius(block_map, z_star, iters=settings.stability_iters, seed=settings.seed)
+    layer_inputs = [model.inject(z_star[None], x[None])]
+    with torch.no_grad():
+        for layer in list(model.block)[:-1]:
+            layer_inputs.append(layer(layer_inputs[-1], positions)[0])
+    per_layer = []
+    for j, layer in enumerate(model.block):
+
+        def layer_map(z: Tensor, layer: Any = layer) -> Tensor:
+            return layer(z[None], positions)[0][0]
+
+        est = spectral_radius(
+            layer_map,
+            layer_inputs[j][0],
+            iters=settings.stability_iters,
+            seed=settings.seed + j + 1,
+        )
+        per_layer.append(asdict(est))
+    return {"block": asdict(whole), "layers": per_layer}
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptTrace:
+    """One prompt's chunk; arrays open lazily (memory-mapped) on first access."""
+
+    path: Path
+    text: str
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    def array(self, name: str) -> np.ndarray | None:
+        file = self.path / f"{name}.npy"
+        if not file.exists():
+            return None
+        return np.load(file, mmap_mode="r")
+
+    @property
+    def tokens(self) -> np.ndarray:
+        arr = self.array("tokens")
+        assert arr is not None
+        return np.asarray(arr)
+
+    @property
+    def block(self) -> np.ndarray | None:
+        return self.array("block")
+
+    @property
+    def attn(self) -> np.ndarray | None:
+        return self.array("attn")
+
+    @property
+    def summary(self) -> dict[str, np.ndarray]:
+        if "summary" not in self._cache:
+            with np.load(self.path / "summary.npz") as data:
+                self._cache["summary"] = {k: data[k] for k in data.files}
+        return dict(self._cache["summary"])
+
+    @property
+    def stages(self) -> dict[str, Any]:
+        return dict(json.loads((self.path / "stages.json").read_text()))
+
+    @property
+    def stability(self) -> dict[str, Any] | None:
+        file = self.path / "stability.json"
+        return json.loads(file.read_text()) if file.exists() else None
+
+
+class TraceStore:
+    """A trace directory opened for reading."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        meta = self.path / "trace.json"
+        if not meta.exists():
+            raise TraceError(f"{self.path} is not a loopscope trace (no trace.json)")
+        self.header: dict[str, Any] = json.loads(meta.read_text())
+        if self.header.get("format") != FORMAT:
+            raise TraceError(f"{self.path}: unsupported trace format {self.header.get('format')}")
+        lines = (self.path / "prompts.jsonl").read_text().splitlines()
+        self.texts = [json.loads(line)["text"] for line in lines if line.strip()]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.header["model"]["meta"])
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.header["settings"])
+
+    def completed(self) -> list[int]:
+        return [i for i in range(len(self.texts)) if (self.path / _chunk_name(i)).is_dir()]
+
+    def __len__(self) -> int:
+        return len(self.completed())
+
+    def prompt(self, index: int) -> PromptTrace:
+        path = self.path / _chunk_name(index)
+        if not path.is_dir():
+            raise TraceError(f"prompt {index} has not been traced yet in {self.path}")
+        return PromptTrace(path, self.texts[index])
+
+    def __iter__(self) -> Iterator[PromptTrace]:
+        for index in self.completed():
+            yield self.prompt(index)
+
+    def check_model(self, model: LoopedLM) -> None:
+        """Refuse to mix a trace with a different model."""
+        if self.header["model"] != model_fingerprint(model):
+            raise TraceError(
+                f"{self.path} was traced with another model "
+                f"({self.header['model']['meta'].get('name')}); use a fresh directory"
+            )

@@ -1,0 +1,176 @@
+"""The trace engine: online probes agree with offline analyses, the store resumes, bad input
+gets clear errors, and a report comes out of a trace."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loopscope.analysis import dynamics as dyn
+from loopscope.data import DataFormatError
+from loopscope.engine.loop import ContextLengthError
+from loopscope.engine.sites import Site
+from loopscope.families.looplm import LoopConfig, LoopLM
+from loopscope.pipeline import prompt_inputs, report
+from loopscope.trace import PromptInput, TraceError, TraceSettings, TraceStore, trace_prompts
+
+TINY = LoopConfig(
+    name="tiny-trace",
+    vocab_size=259,
+    d_model=16,
+    n_heads=2,
+    prelude_layers=1,
+    block_layers=2,
+    coda_layers=1,
+    train_recurrences=3,
+    context_length=24,
+    injection="concat-linear",
+    norm_scheme="huginn",
+)
+SETTINGS = TraceSettings(
+    recurrences=12, stability_prompts=1, stability_iters=12, attention_recurrences=4
+)
+
+
+def _prompts(n: int = 3) -> list[PromptInput]:
+    gen = torch.Generator().manual_seed(0)
+    return [
+        PromptInput(f"prompt {i}", torch.randint(0, 256, (5 + i,), generator=gen).tolist())
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def model() -> LoopLM:
+    return LoopLM(TINY).eval()
+
+
+def test_full_trace_shapes_and_online_probes_match_offline(model: LoopLM, tmp_path: Path) -> None:
+    store = trace_prompts(model, _prompts(), tmp_path / "t", SETTINGS, progress=False)
+    assert store.completed() == [0, 1, 2]
+    prompt = store.prompt(1)
+    block = np.asarray(prompt.block)
+    assert block.shape == (12, 2, 6, 16)
+    assert np.asarray(prompt.array("prelude")).shape == (1, 6, 16)
+    attn = np.asarray(prompt.attn)
+    assert attn.shape == (5, 2, 2, 6, 6)  # first 4 recurrences + the last
+    np.testing.assert_allclose(attn.sum(-1), 1.0, atol=1e-5)
+    offline = dyn.successive_differences(block)
+    summary = prompt.summary
+    np.testing.assert_allclose(summary["step_norm"][1:], offline.norm, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(summary["step_cosine"][1:], offline.cosine, rtol=1e-4, atol=1e-6)
+    stability = store.prompt(0).stability
+    assert stability is not None and len(stability["layers"]) == 2
+    assert prompt.stability is None  # only the first stability_prompts prompts
+
+
+def test_summary_mode_measures_fixed_point_distance_in_a_second_pass(
+    model: LoopLM, tmp_path: Path
+) -> None:
+    full = trace_prompts(model, _prompts(1), tmp_path / "full", SETTINGS, progress=False)
+    summary_settings = TraceSettings(**{**SETTINGS.__dict__, "capture": "summary"})
+    lean = trace_prompts(model, _prompts(1), tmp_path / "lean", summary_settings, progress=False)
+    assert lean.prompt(0).block is None
+    offline = dyn.fixed_point_distances(np.asarray(full.prompt(0).block))
+    online = lean.prompt(0).summary
+    np.testing.assert_allclose(online["ref_distance"], offline.distance, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(online["ref_cosine"], offline.cosine, rtol=1e-4, atol=1e-5)
+
+
+def test_nan_mid_run_marks_tokens_divergent_and_run_goes_on(model: LoopLM, tmp_path: Path) -> None:
+    def poison(site: Site):  # type: ignore[no-untyped-def]
+        if site.stage == "block" and site.layer == 1 and site.recurrence == 5:
+
+            def edit(component: str, out: torch.Tensor) -> torch.Tensor:
+                if component != "mlp":
+                    return out
+                out = out.clone()
+                out[:, -1] = float("nan")
+                return out
+
+            return edit
+        return None
+
+    settings = TraceSettings(**{**SETTINGS.__dict__, "stability_prompts": 0})
+    store = trace_prompts(
+        model, _prompts(2), tmp_path / "nan", settings, progress=False, edit_plan=poison
+    )
+    divergent = store.prompt(0).summary["divergent"]
+    assert divergent[-1] and not divergent[0]
+    paths = report(store.path, tmp_path / "nan-report")
+    metrics = json.loads(paths.metrics_json.read_text())
+    assert metrics["dynamics"]["divergent_tokens"] >= 2
+    rates = metrics["dynamics"]["limiting_behaviour"]["last_layer"]["token_rates"]
+    assert rates["divergent"] > 0
+
+
+def test_interrupted_trace_resumes_without_losing_or_redoing_work(
+    model: LoopLM, tmp_path: Path
+) -> None:
+    out = tmp_path / "resume"
+    trace_prompts(model, _prompts(), out, SETTINGS, progress=False, stop_after=1)
+    first = out / "prompt_00000" / "block.npy"
+    stamp = first.stat().st_mtime_ns
+    (out / "prompt_00001.partial").mkdir()  # a chunk killed mid-write
+    store = trace_prompts(model, _prompts(), out, SETTINGS, progress=False)
+    assert store.completed() == [0, 1, 2]
+    assert first.stat().st_mtime_ns == stamp
+    assert not (out / "prompt_00001.partial").exists()
+    fresh = trace_prompts(model, _prompts(), tmp_path / "fresh", SETTINGS, progress=False)
+    for i in range(3):
+        np.testing.assert_array_equal(
+            np.asarray(store.prompt(i).block), np.asarray(fresh.prompt(i).block)
+        )
+
+
+def test_bad_inputs_get_clear_errors(model: LoopLM, tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match="prompt file is empty"):
+        trace_prompts(model, [], tmp_path / "a", SETTINGS, progress=False)
+    too_long = [PromptInput("long", list(range(30)))]
+    with pytest.raises(ContextLengthError, match="prompt 0 has 30 tokens"):
+        trace_prompts(model, too_long, tmp_path / "b", SETTINGS, progress=False)
+    bad_layer = TraceSettings(**{**SETTINGS.__dict__, "layers": [5]})
+    with pytest.raises(TraceError, match="unknown block layer index"):
+        trace_prompts(model, _prompts(1), tmp_path / "c", bad_layer, progress=False)
+    trace_prompts(model, _prompts(1), tmp_path / "d", SETTINGS, progress=False)
+    other = LoopLM(TINY.with_(init_seed=7))
+    with pytest.raises(TraceError, match="different model"):
+        trace_prompts(other, _prompts(1), tmp_path / "d", SETTINGS, progress=False)
+    with pytest.raises(TraceError, match="traced with another model"):
+        TraceStore(tmp_path / "d").check_model(other)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataFormatError, match="empty"):
+        prompt_inputs(empty)
+    with pytest.raises(TraceError, match="not a loopscope trace"):
+        TraceStore(tmp_path)
+
+
+def test_positions_and_layers_selection(model: LoopLM, tmp_path: Path) -> None:
+    settings = TraceSettings(**{**SETTINGS.__dict__, "positions": "last", "layers": [1]})
+    store = trace_prompts(model, _prompts(1), tmp_path / "sel", settings, progress=False)
+    assert np.asarray(store.prompt(0).block).shape == (12, 1, 1, 16)
+
+
+def test_report_from_trace_has_verdict_rows_and_metrics(model: LoopLM, tmp_path: Path) -> None:
+    store = trace_prompts(model, _prompts(2), tmp_path / "r", SETTINGS, progress=False)
+    paths = report(store.path, tmp_path / "report")
+    html = paths.html.read_text()
+    assert 'id="verdict"' in html
+    assert "block layer 0" in html and "block layer 1" in html and "whole block" in html
+    metrics = json.loads(paths.metrics_json.read_text())
+    dyn_metrics = metrics["dynamics"]
+    assert len(dyn_metrics["fixed_point"]["relative"]) == 12
+    assert set(dyn_metrics["limiting_behaviour"]["last_layer"]["token_rates"]) >= {
+        "fixed_point",
+        "orbit",
+        "slider",
+        "unknown",
+    }
+    assert dyn_metrics["stability"]["prompts"] == 1
+    shutil.rmtree(tmp_path / "report")
