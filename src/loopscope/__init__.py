@@ -61,6 +61,13 @@ def load(source: str | Path, *, dtype: Any = None, device: str = "cpu", **kwargs
 
     if is_raven_config(config):
         return load_raven(directory, dtype=dtype, device=device)
+    from loopscope.families.ouro import is_ouro_config, load_ouro
+    from loopscope.families.parcae import is_parcae_config, load_parcae
+
+    if is_ouro_config(config):
+        return load_ouro(directory, dtype=dtype, device=device)
+    if is_parcae_config(config):
+        return load_parcae(directory, dtype=dtype, device=device)
     if "block_layers" in config and "norm_scheme" in config:
         return load_looplm(directory, dtype=dtype, device=device)
     from loopscope.families.hf import is_hf_decoder_config
@@ -72,6 +79,7 @@ def load(source: str | Path, *, dtype: Any = None, device: str = "cpu", **kwargs
     raise CheckpointError(
         f"{config_path}: unknown model family (model_type {config.get('model_type')!r}); "
         "supported: loopscope LoopLM, raven (Huginn-0125 and the retrofitted-recurrence "
-        "models), Hugging Face decoders (llama, mistral, qwen2, qwen3, olmo2, gpt2, "
+        "models), ouro (Ouro-1.4B/2.6B), parcae (SandyResearch/parcae-*), Hugging Face "
+        "decoders (llama, mistral, qwen2, qwen3, olmo2, gpt2, "
         "inkling2_loop)"
     )

@@ -1,0 +1,730 @@
+"""Parcae (SandyResearch/parcae-*, Prairie et al. 2026) behind the model-family interface.
+
+Layout (p, k⊗l, c) = (2, 2⊗l, 2) for Parcae-140M, up to (8, 8⊗l, 8) for 1.3B. Every layer is a
+pre-norm block (``norm_1`` → attention, ``norm_2`` → MLP) with parameter-free RMS norms on the
+rotated queries and keys (``qk_norm``), ReLU² MLPs and rotary embeddings on adjacent channel pairs.
+The prelude output goes through ``ln_prelude`` and is the injected input e. Each recurrence
+starts with the *diagonal injection*
+
+    h ← exp(−Δ·A) ⊙ h + Δ ⊙ (B e),   Δ = softplus(dt_bias),  A = exp(A_log),
+
+a zero-order-hold discretisation of ḣ = −A h + B e whose decay lies in (0, 1) per channel, so
+the linear part of the loop is stable by construction. After the last recurrence the state is
+projected by ``C`` into the coda, and ``ln_f`` → ``lm_head`` (tied to the embedding, times the
+init scheme's logit scale) reads the logits.
+
+Two more pieces of the authors' code are reproduced: *value embeddings* (a per-token table added
+to the attention values through a learned gate 2σ(W x[:32]), in alternating layers) and the
+random initial state, a normal truncated at ±3σ (σ from the init scheme) drawn after one
+discarded normal draw. Value embeddings need the prompt's token ids inside every layer, so
+:meth:`ParcaeLM.embed` remembers them for the layers of that forward pass (as the authors'
+model does).
+
+Checkpoint: ``config.json`` is the authors' config dataclass (``_class_name: ParcaeConfig``);
+tensor names follow their module tree (``transformer.wte``, ``transformer.prelude.N``,
+``transformer.adapter.{A_log,dt_bias,B}``, ``transformer.core_block.N``, ``transformer.C``,
+``transformer.coda.N``, ``transformer.ln_f``, ``transformer.ln_prelude``, ``value_embeds.N``,
+``lm_head``, ``freqs_cis``). The authors publish pickled weights (``model.pt`` /
+``pytorch_model.bin``); loopscope reads safetensors only, so convert them once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from loopscope.checkpoint import CheckpointError, check_tensors
+from loopscope.families.base import FamilyMeta, InitState, LoopedLM, LoopLayer
+from loopscope.families.raven import RavenRMSNorm, RavenRope, RopeSpec, _read_tensors, _weight_files
+from loopscope.nn.layers import Edit, causal_attention_probs
+
+__all__ = [
+    "ParcaeConfig",
+    "ParcaeLM",
+    "is_parcae_config",
+    "load_parcae",
+    "parcae_config_from_dict",
+]
+
+Injection = Literal["diagonal", "linear", "add"]
+StateInit = Literal["like-init", "zero", "normal", "embed", "unit"]
+STATE_INITS: tuple[StateInit, ...] = ("like-init", "zero", "normal", "embed", "unit")
+ROPE_TABLE = "freqs_cis"
+#: Width of the slice of the attention input that drives the value-embedding gate.
+VE_GATE_CHANNELS = 32
+#: Init schemes whose embedding / logit scales are 1 and whose embedding std is √(2 / 5d): the
+#: only numbers of the init scheme that matter once weights are loaded.
+SCALED_INITS = ("scaled", "scaled-zero", "scaled-geiping")
+
+# Defaults of the authors' config dataclasses: a field missing from config.json takes these.
+_DEFAULTS: dict[str, Any] = {
+    "block_size": 4096,
+    "n_embd": 4096,
+    "num_attention_heads": 32,
+    "vocab_size": 50254,
+    "padding_multiple": 512,
+    "norm_class_name": "LayerNorm",
+    "block_class_name": "TransformerPreNormBlock",
+    "norm_eps": 1e-5,
+    "mlp_class_name": "BaseMLP",
+    "nonlin_name": "GELU",
+    "bias": False,
+    "qk_bias": False,
+    "qk_norm": False,
+    "init_strategy": "scaled",
+    "mup_model_scaling_factor": 1,
+    "use_fused_head": "pytorch",
+    "injection_type": "diagonal",
+    "n_layers_in_recurrent_block": 4,
+    "n_layers_in_prelude": 1,
+    "n_layers_in_coda": 1,
+    "state_init": "like-init",
+    "recurrent_embedding_dimension": 1024,
+    "recurrent_intermediation_embedding_dimension": 3520,
+    "prelude_norm": False,
+    "mean_recurrence": 32,
+    "mean_backprop_depth": 8,
+    "tie_embeddings": False,
+}
+_ROPE_DEFAULTS = {"use_rope": True, "rope_condense_ratio": 1, "rope_base": 50_000}
+
+
+def _relu2(x: Tensor) -> Tensor:
+    return F.relu(x).pow(2).mul(0.5)
+
+
+#: Activations by the names the authors' config uses (``nonlin_name``).
+NONLINEARITIES: dict[str, Callable[[Tensor], Tensor]] = {
+    "ReLU2": _relu2,
+    "GELU": F.gelu,
+    "SiLU": F.silu,
+    "ReLU": F.relu,
+    "Tanh": torch.tanh,
+}
+
+
+# --------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class ParcaeConfig:
+    """What our model needs from a Parcae config.json (the authors' defaults applied)."""
+
+    n_embd: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    rec_dim: int
+    rec_heads: int
+    rec_intermediate_size: int
+    vocab_size: int  # padded, as the embedding and the head are
+    n_layers_in_prelude: int
+    n_layers_in_recurrent_block: int
+    n_layers_in_coda: int
+    mean_recurrence: int
+    mean_backprop_depth: int
+    injection_type: Injection
+    state_init: StateInit
+    prelude_norm: bool
+    qk_norm: bool
+    qk_bias: bool
+    bias: bool
+    clip_qkv: float | None
+    norm_eps: float
+    gated_mlp: bool
+    nonlin: str
+    tie_embeddings: bool
+    block_size: int
+    rope_table_length: int
+    use_rope: bool
+    rope_base: float
+    rope_condense_ratio: float
+    logit_softcap: float | None
+    state_std: float
+    name: str = "parcae"
+
+    def __post_init__(self) -> None:
+        for width, heads, what in (
+            (self.n_embd, self.n_heads, "n_embd / num_attention_heads"),
+            (self.rec_dim, self.rec_heads, "recurrent_embedding_dimension / recurrent heads"),
+        ):
+            if width % heads:
+                raise ValueError(f"{what} = {width} / {heads} is not a whole head size")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"num_attention_heads={self.n_heads} is not a multiple of "
+                f"num_key_value_heads={self.n_kv_heads}"
+            )
+        if self.head_dim != self.rec_dim // self.rec_heads:
+            raise ValueError(
+                "the core block's head size must equal the prelude's (one rotary table serves "
+                f"both), got {self.rec_dim // self.rec_heads} and {self.head_dim}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head size, got {self.head_dim}")
+        if self.injection_type == "add" and self.rec_dim != self.n_embd:
+            raise ValueError("additive injection needs recurrent_embedding_dimension = n_embd")
+        if self.n_layers_in_recurrent_block < 1:
+            raise ValueError("n_layers_in_recurrent_block must be ≥ 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_heads
+
+    @property
+    def ve_dim(self) -> int:
+        """Width of a value embedding: the prelude's key/value width."""
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def n_effective_layers(self) -> int:
+        return self.n_layers_in_prelude + self.n_layers_in_recurrent_block + self.n_layers_in_coda
+
+
+def is_parcae_config(config: Mapping[str, Any]) -> bool:
+    """True for a config.json written by the authors' Parcae code (never a raven/Huginn one,
+    which shares some field names but has none of Parcae's recurrent-state fields)."""
+    if config.get("model_type") == "huginn_raven":
+        return False
+    if config.get("_class_name") == "ParcaeConfig" or config.get("model_class_name") == "Parcae":
+        return True
+    return "recurrent_embedding_dimension" in config and "injection_type" in config
+
+
+def _get(config: Mapping[str, Any], key: str) -> Any:
+    value = config.get(key)
+    return _DEFAULTS.get(key) if value is None else value
+
+
+def _find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k
+
+
+def _check_supported(config: Mapping[str, Any]) -> None:
+    """CheckpointError for the settings of the authors' code that we do not run."""
+    checks = [
+        (_get(config, "block_class_name") == "TransformerPreNormBlock", "block_class_name"),
+        (_get(config, "norm_class_name") == "RMSNorm", "norm_class_name"),
+        (_get(config, "mlp_class_name") in ("BaseMLP", "GatedMLP"), "mlp_class_name"),
+        (_get(config, "nonlin_name") in NONLINEARITIES, "nonlin_name"),
+        (_get(config, "injection_type") in ("diagonal", "linear", "add"), "injection_type"),
+        (_get(config, "state_init") in STATE_INITS, "state_init"),
+        (_get(config, "use_fused_head") in ("pytorch", "cce"), "use_fused_head"),
+        (int(_get(config, "mup_model_scaling_factor")) == 1, "mup_model_scaling_factor"),
+        (_get(config, "init_strategy") in SCALED_INITS, "init_strategy"),
+    ]
+    bad = [f"{key}={config.get(key, _DEFAULTS.get(key))!r}" for ok, key in checks if not ok]
+    if bad:
+        raise CheckpointError(
+            f"Parcae settings not supported by loopscope: {', '.join(bad)}. Supported: "
+            "TransformerPreNormBlock, RMSNorm, BaseMLP/GatedMLP with "
+            f"{sorted(NONLINEARITIES)}, injection diagonal/linear/add, state_init {STATE_INITS}, "
+            f"use_fused_head pytorch/cce, mup_model_scaling_factor 1, init_strategy {SCALED_INITS}"
+        )
+
+
+def parcae_config_from_dict(config: Mapping[str, Any], name: str = "parcae") -> ParcaeConfig:
+    """Read the published config.json fields; CheckpointError for settings we do not run and
+    ValueError for inconsistent sizes."""
+    _check_supported(config)
+    n_embd = int(_get(config, "n_embd"))
+    heads = int(_get(config, "num_attention_heads"))
+    rec_heads = int(config.get("recurrent_num_attention_heads") or heads)
+    padded = config.get("padded_vocab_size")
+    vocab = (
+        int(padded)
+        if padded
+        else _find_multiple(int(_get(config, "vocab_size")), int(_get(config, "padding_multiple")))
+    )
+    rope = {**_ROPE_DEFAULTS, **(config.get("rope_settings") or {})}
+    block_size = int(_get(config, "block_size"))
+    softcap = config.get("logit_softcap")
+    clip = config.get("clip_qkv")
+    return ParcaeConfig(
+        n_embd=n_embd,
+        n_heads=heads,
+        n_kv_heads=int(config.get("num_key_value_heads") or heads),
+        intermediate_size=int(config.get("intermediate_size") or 4 * n_embd),
+        rec_dim=int(_get(config, "recurrent_embedding_dimension")),
+        rec_heads=rec_heads,
+        rec_intermediate_size=int(_get(config, "recurrent_intermediation_embedding_dimension")),
+        vocab_size=vocab,
+        n_layers_in_prelude=int(_get(config, "n_layers_in_prelude")),
+        n_layers_in_recurrent_block=int(_get(config, "n_layers_in_recurrent_block")),
+        n_layers_in_coda=int(_get(config, "n_layers_in_coda")),
+        mean_recurrence=int(_get(config, "mean_recurrence")),
+        mean_backprop_depth=int(_get(config, "mean_backprop_depth")),
+        injection_type=cast(Injection, _get(config, "injection_type")),
+        state_init=cast(StateInit, _get(config, "state_init")),
+        prelude_norm=bool(_get(config, "prelude_norm")),
+        qk_norm=bool(_get(config, "qk_norm")),
+        qk_bias=bool(_get(config, "qk_bias")),
+        bias=bool(_get(config, "bias")),
+        clip_qkv=None if clip is None else float(clip),
+        norm_eps=float(_get(config, "norm_eps")),
+        gated_mlp=_get(config, "mlp_class_name") == "GatedMLP",
+        nonlin=str(_get(config, "nonlin_name")),
+        tie_embeddings=bool(_get(config, "tie_embeddings")),
+        block_size=block_size,
+        rope_table_length=int(config.get("randomize_positions_from") or block_size),
+        use_rope=bool(rope["use_rope"]),
+        rope_base=float(rope["rope_base"]),
+        rope_condense_ratio=float(rope["rope_condense_ratio"]),
+        logit_softcap=None if softcap is None else float(softcap),
+        state_std=math.sqrt(2 / (5 * n_embd)),
+        name=name,
+    )
+
+
+def has_value_embedding(index: int, n_layers: int) -> bool:
+    """The authors' alternation: every other layer, always including the last one."""
+    return index % 2 == (n_layers - 1) % 2
+
+
+# --------------------------------------------------------------------------------- layers
+@dataclass(frozen=True)
+class _Width:
+    """The sizes of one stage's layers (prelude/coda use the model width, the core its own)."""
+
+    dim: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+
+class ParcaeAttention(nn.Module):
+    """Causal self-attention: optional value embedding through ``ve_gate``, optional clipping
+    and q/k bias, rotary embeddings on adjacent pairs, then parameter-free q/k RMS norms."""
+
+    def __init__(self, c: ParcaeConfig, w: _Width, value_gate: bool) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = w.heads, w.kv_heads, w.dim // w.heads
+        self.qk_norm, self.clip = c.qk_norm, c.clip_qkv
+        self.c_q = nn.Linear(w.dim, w.heads * self.head_dim, bias=c.bias)
+        self.c_k = nn.Linear(w.dim, w.kv_heads * self.head_dim, bias=c.bias)
+        self.c_v = nn.Linear(w.dim, w.kv_heads * self.head_dim, bias=c.bias)
+        self.c_proj = nn.Linear(w.dim, w.dim, bias=c.bias)
+        self.qk_bias = (
+            nn.Parameter(torch.zeros(2, 1, w.heads, self.head_dim)) if c.qk_bias else None
+        )
+        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, w.kv_heads, bias=False) if value_gate else None
+
+    def forward(
+        self, x: Tensor, rope: RavenRope | None, ve: Tensor | None, return_attn: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        b, t, d = x.shape
+        q = self.c_q(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.c_k(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.c_v(x).view(b, t, self.n_kv, self.head_dim)
+        if ve is not None and self.ve_gate is not None:
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve.view(b, t, self.n_kv, self.head_dim)
+        if self.clip is not None:
+            q, k, v = (z.clamp(min=-self.clip, max=self.clip) for z in (q, k, v))
+        if self.qk_bias is not None:
+            q, k = (q + self.qk_bias[0]).to(q.dtype), (k + self.qk_bias[1]).to(q.dtype)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        if rope is not None:
+            q, k = rope.apply(q), rope.apply(k)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        probs: Tensor | None = None
+        if return_attn:
+            group = self.n_heads // self.n_kv
+            k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            probs = causal_attention_probs(q, k_full)
+            out = probs.to(v.dtype) @ v_full
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads
+            )
+        return self.c_proj(out.transpose(1, 2).reshape(b, t, d)), probs
+
+
+class ParcaeMLP(nn.Module):
+    """``proj(σ(fc(x)))`` or, gated, ``proj(σ(a)·b)`` with ``fc`` giving [a; b]; ``proj`` is the
+    output projection the neuron-class analysis reads."""
+
+    def __init__(self, c: ParcaeConfig, w: _Width) -> None:
+        super().__init__()
+        self.gated = c.gated_mlp
+        self.act = NONLINEARITIES[c.nonlin]
+        self.fc = nn.Linear(w.dim, w.intermediate * (2 if c.gated_mlp else 1), bias=c.bias)
+        self.proj = nn.Linear(w.intermediate, w.dim, bias=c.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            a, b = self.fc(x).chunk(2, dim=-1)
+            return cast(Tensor, self.proj(self.act(a) * b))
+        return cast(Tensor, self.proj(self.act(self.fc(x))))
+
+
+class ParcaeLayer(nn.Module):
+    """Pre-norm block; ``edit`` rewrites each branch output before it joins the stream."""
+
+    def __init__(self, c: ParcaeConfig, w: _Width, value_gate: bool) -> None:
+        super().__init__()
+        self.norm_1 = RavenRMSNorm(w.dim, c.norm_eps)
+        self.attn = ParcaeAttention(c, w, value_gate)
+        self.norm_2 = RavenRMSNorm(w.dim, c.norm_eps)
+        self.mlp = ParcaeMLP(c, w)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: RavenRope | None,
+        ve: Tensor | None = None,
+        *,
+        return_attn: bool = False,
+        edit: Edit | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        a, probs = self.attn(self.norm_1(x), rope, ve, return_attn)
+        a = edit("attn", a) if edit is not None else a
+        x = a + x
+        m = self.mlp(self.norm_2(x))
+        m = edit("mlp", m) if edit is not None else m
+        return m + x, probs
+
+
+class DiagonalInjection(nn.Module):
+    """h ← exp(−softplus(dt_bias)·exp(A_log)) ⊙ h + softplus(dt_bias) ⊙ (B e)."""
+
+    def __init__(self, state_dim: int, input_dim: int) -> None:
+        super().__init__()
+        self.A_log = nn.Parameter(torch.zeros(state_dim))
+        self.dt_bias = nn.Parameter(torch.zeros(state_dim))
+        self.B = nn.Parameter(torch.zeros(state_dim, input_dim))
+
+    def decay(self) -> Tensor:
+        """Per-channel retention of the state, in (0, 1)."""
+        return torch.exp(-F.softplus(self.dt_bias) * torch.exp(self.A_log))
+
+    def forward(self, state: Tensor, inputs: Tensor) -> Tensor:
+        dt = F.softplus(self.dt_bias)
+        decay = torch.exp(-dt * torch.exp(self.A_log))
+        return state * decay + dt * (inputs @ self.B.T)
+
+
+class LinearInjection(nn.Module):
+    """W·[h; e] (``adapter.adapter``)."""
+
+    def __init__(self, state_dim: int, input_dim: int, bias: bool) -> None:
+        super().__init__()
+        self.adapter = nn.Linear(state_dim + input_dim, state_dim, bias=bias)
+
+    def forward(self, state: Tensor, inputs: Tensor) -> Tensor:
+        return cast(Tensor, self.adapter(torch.cat([state, inputs], dim=-1)))
+
+
+class AddInjection(nn.Module):
+    """h + e."""
+
+    def forward(self, state: Tensor, inputs: Tensor) -> Tensor:
+        return state + inputs
+
+
+def _make_injection(c: ParcaeConfig) -> nn.Module:
+    if c.injection_type == "diagonal":
+        return DiagonalInjection(c.rec_dim, c.n_embd)
+    if c.injection_type == "linear":
+        return LinearInjection(c.rec_dim, c.n_embd, c.bias)
+    return AddInjection()
+
+
+class _LayerCall:
+    """A layer as the engine calls it: the value embedding of this prompt is looked up, and the
+    stage boundaries of the authors' forward pass are folded in — ``ln_prelude`` after the last
+    prelude layer, ``C`` before the first coda layer. Not a module, so every parameter keeps
+    its one checkpoint name."""
+
+    def __init__(
+        self,
+        owner: ParcaeLM,
+        layer: ParcaeLayer,
+        ve_key: str | None,
+        before: nn.Module | None = None,
+        after: nn.Module | None = None,
+    ) -> None:
+        self.owner, self.layer, self.ve_key = owner, layer, ve_key
+        self.before, self.after = before, after
+
+    def __call__(
+        self, x: Tensor, positions: Any, *, return_attn: bool = False, edit: Edit | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        if self.before is not None:
+            x = self.before(x)
+        ve = self.owner.value_embedding(self.ve_key, x)
+        out, probs = self.layer(x, positions, ve, return_attn=return_attn, edit=edit)
+        if self.after is not None:
+            out = self.after(out)
+        return out, probs
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else (``mlp``, ``attn``, norms) is the wrapped layer's."""
+        if name in ("owner", "layer", "ve_key", "before", "after"):
+            raise AttributeError(name)  # not set yet: never recurse
+        return getattr(self.layer, name)
+
+
+# --------------------------------------------------------------------------------- model
+class ParcaeLM(LoopedLM):
+    """A Parcae checkpoint behind the family interface; module and parameter names equal the
+    checkpoint's tensor names."""
+
+    def __init__(self, config: ParcaeConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        p, k = c.n_layers_in_prelude, c.n_layers_in_recurrent_block
+        self.meta = FamilyMeta(
+            family="parcae",
+            prelude_layers=p,
+            block_layers=k,
+            coda_layers=c.n_layers_in_coda,
+            train_recurrences=c.mean_recurrence,
+            d_model=c.n_embd,
+            n_heads=c.n_heads,
+            vocab_size=c.vocab_size,
+            context_length=c.block_size,
+            default_init_state="zeros" if c.state_init == "zero" else "random",
+            name=c.name,
+        )
+        outer = _Width(c.n_embd, c.n_heads, c.n_kv_heads, c.intermediate_size)
+        inner = _Width(c.rec_dim, c.rec_heads, c.rec_heads, c.rec_intermediate_size)
+        n_layer = k * c.mean_backprop_depth  # the authors' count behind the ve_gate alternation
+        coda_start = p + k * c.mean_recurrence  # the authors' layer ids of the coda
+
+        def stack(width: _Width, ids: range) -> nn.ModuleList:
+            return nn.ModuleList(
+                ParcaeLayer(c, width, has_value_embedding(i, n_layer)) for i in ids
+            )
+
+        modules: dict[str, nn.Module] = {
+            "wte": nn.Embedding(c.vocab_size, c.n_embd),
+            "prelude": stack(outer, range(p)),
+            "adapter": _make_injection(c),
+            "core_block": stack(inner, range(p, p + k)),
+            "C": nn.Linear(c.rec_dim, c.n_embd, bias=c.bias),
+            "coda": stack(outer, range(coda_start, coda_start + c.n_layers_in_coda)),
+            "ln_f": RavenRMSNorm(c.n_embd, c.norm_eps),
+        }
+        if c.prelude_norm:
+            modules["ln_prelude"] = RavenRMSNorm(c.n_embd, c.norm_eps)
+        self.transformer = nn.ModuleDict(modules)
+        n_eff = c.n_effective_layers
+        self.value_embeds = nn.ModuleDict(
+            {
+                str(i): nn.Embedding(c.vocab_size, c.ve_dim)
+                for i in range(n_eff)
+                if has_value_embedding(i, n_eff)
+            }
+        )
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.tie_weights()
+        self.rope_table: Tensor | None = None  # the checkpoint's freqs_cis, when it has one
+        self._rope_cache: dict[tuple[int, str], RavenRope] = {}
+        self._ids: Tensor | None = None
+        self._calls = self._layer_calls()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = cast(nn.Embedding, self.transformer["wte"]).weight
+
+    def _stack(self, key: str) -> list[ParcaeLayer]:
+        return [cast(ParcaeLayer, layer) for layer in cast(nn.ModuleList, self.transformer[key])]
+
+    def _ve_key(self, index: int, layer: ParcaeLayer) -> str | None:
+        """Value-embedding table of effective layer ``index``, if it has one and a gate."""
+        key = str(index)
+        return key if key in self.value_embeds and layer.attn.ve_gate is not None else None
+
+    def _layer_calls(self) -> dict[str, list[_LayerCall]]:
+        c = self.config
+        p, k = c.n_layers_in_prelude, c.n_layers_in_recurrent_block
+        ln_prelude = self.transformer["ln_prelude"] if c.prelude_norm else None
+        prelude = [
+            _LayerCall(
+                self, layer, self._ve_key(i, layer), after=ln_prelude if i == p - 1 else None
+            )
+            for i, layer in enumerate(self._stack("prelude"))
+        ]
+        block = [
+            _LayerCall(self, layer, self._ve_key(p + j, layer))
+            for j, layer in enumerate(self._stack("core_block"))
+        ]
+        coda = [
+            _LayerCall(
+                self,
+                layer,
+                self._ve_key(p + k + i, layer),
+                before=self.transformer["C"] if i == 0 else None,
+            )
+            for i, layer in enumerate(self._stack("coda"))
+        ]
+        return {"prelude": prelude, "block": block, "coda": coda}
+
+    # -- the family interface ------------------------------------------------------------
+    @property
+    def prelude(self) -> Sequence[LoopLayer]:
+        return cast(Sequence[LoopLayer], self._calls["prelude"])
+
+    @property
+    def block(self) -> Sequence[LoopLayer]:
+        return cast(Sequence[LoopLayer], self._calls["block"])
+
+    @property
+    def coda(self) -> Sequence[LoopLayer]:
+        return cast(Sequence[LoopLayer], self._calls["coda"])
+
+    @property
+    def init_std(self) -> float:
+        return self.config.state_std
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings; also remembers ``input_ids`` for the value embeddings of the layers
+        that run next (``ln_prelude`` is applied here when there is no prelude layer)."""
+        vocab = self.config.vocab_size
+        if int(input_ids.max()) >= vocab or int(input_ids.min()) < 0:
+            raise ValueError(
+                f"token ids must lie in [0, {vocab}); got [{int(input_ids.min())}, "
+                f"{int(input_ids.max())}] — was the prompt encoded with this model's tokenizer?"
+            )
+        self._ids = input_ids
+        x = cast(Tensor, self.transformer["wte"](input_ids))
+        if self.config.prelude_norm and not self.config.n_layers_in_prelude:
+            x = cast(Tensor, self.transformer["ln_prelude"](x))
+        return x
+
+    def value_embedding(self, key: str | None, x: Tensor) -> Tensor | None:
+        """The value embedding ``key`` of the prompt last passed to :meth:`embed`."""
+        if key is None:
+            return None
+        ids = self._ids
+        if ids is None or tuple(ids.shape) != tuple(x.shape[:2]):
+            raise RuntimeError(
+                "Parcae's value embeddings need the prompt's token ids: call model.embed("
+                "input_ids) for this prompt before running its layers (the engine, "
+                "prelude_output and block_step do)"
+            )
+        return cast(Tensor, self.value_embeds[key](ids.to(x.device))).to(x.dtype)
+
+    def positions(self, length: int, device: torch.device) -> RavenRope | None:
+        if not self.config.use_rope:
+            return None
+        key = (length, str(device))
+        if key not in self._rope_cache:
+            if self.rope_table is not None:
+                rope = RavenRope.from_table(self.rope_table[:, :length].to(device))
+            else:
+                c = self.config
+                inv = RopeSpec("pairs", c.rope_base).inv_freq(c.head_dim)
+                steps = torch.arange(length, dtype=torch.float32) / c.rope_condense_ratio
+                rope = RavenRope("pairs", torch.outer(steps, inv).to(device))
+            self._rope_cache[key] = rope
+        return self._rope_cache[key]
+
+    def initial_state(
+        self, inputs: Tensor, mode: InitState, generator: torch.Generator | None, std: float
+    ) -> Tensor:
+        """(B, T, recurrent width). ``random`` follows the config's ``state_init`` draw for draw
+        (``like-init``: a discarded normal draw, then a normal truncated at ±3σ); drawn in fp32,
+        so one seed gives the same state in every dtype."""
+        shape = (*inputs.shape[:-1], self.config.rec_dim)
+        kind = self.config.state_init
+        if mode == "prelude":
+            if self.config.rec_dim != self.config.n_embd:
+                raise ValueError(
+                    "init_state='prelude' needs recurrent_embedding_dimension = n_embd; use "
+                    "'zeros' or 'random'"
+                )
+            return inputs
+        if mode == "zeros" or (mode == "random" and kind == "zero"):
+            return inputs.new_zeros(shape)
+        if mode != "random":
+            return super().initial_state(inputs, mode, generator, std)
+        x = torch.randn(shape, generator=generator, device=inputs.device)
+        if kind == "like-init":
+            nn.init.trunc_normal_(x, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
+        elif kind == "embed":
+            x = x / math.sqrt(self.config.n_embd)
+        elif kind == "unit":
+            sd, mean = torch.std_mean(x, dim=-1, keepdim=True)
+            x = (x - mean) / (sd + 1e-8)
+        return x.to(inputs.dtype)
+
+    def inject(self, state: Tensor, inputs: Tensor) -> Tensor:
+        return cast(Tensor, self.transformer["adapter"](state, inputs))
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """``ln_f`` → ``lm_head`` in fp32 (with ``C`` first when there is no coda layer to carry
+        it), then the optional soft cap."""
+        if not self.config.n_layers_in_coda:
+            hidden = cast(Tensor, self.transformer["C"](hidden))
+        logits = self.lm_head(self.transformer["ln_f"](hidden)).float()
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def unembedding(self) -> Tensor:
+        return self.lm_head.weight
+
+    def final_norm_weight(self) -> Tensor:
+        """Gain of ``ln_f``, which sits between the residual stream and the unembedding."""
+        return cast(RavenRMSNorm, self.transformer["ln_f"]).weight
+
+    def injection_decay(self) -> Tensor | None:
+        """exp(−Δ·A) per state channel for the diagonal injection (the linear part's spectrum),
+        else None."""
+        adapter = self.transformer["adapter"]
+        return adapter.decay().detach() if isinstance(adapter, DiagonalInjection) else None
+
+    def expected_tensors(self) -> dict[str, torch.Size]:
+        """Checkpoint tensor names and shapes (a tied lm_head is not expected)."""
+        return {name: p.shape for name, p in self.named_parameters()}
+
+
+# --------------------------------------------------------------------------------- loading
+def load_parcae(
+    directory: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> ParcaeLM:
+    """Load a Parcae checkpoint directory (config.json + safetensors, sharded or not).
+
+    The stored rotary table ``freqs_cis`` is used when present, exactly as the authors' loader
+    does; errors name every missing, unexpected or mis-shaped tensor; pickle-only checkpoints
+    (the form the authors publish) are refused with the conversion to do."""
+    path = Path(directory)
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{path} has no config.json; is this a Parcae checkpoint?")
+    raw = json.loads(config_path.read_text())
+    if not is_parcae_config(raw):
+        raise CheckpointError(f"{config_path} is not a Parcae config (no _class_name ParcaeConfig)")
+    try:
+        config = parcae_config_from_dict(raw, name=raw.get("name") or path.name)
+    except ValueError as err:
+        raise CheckpointError(f"{config_path}: {err}") from err
+    files = _weight_files(path)
+    with torch.device("meta"):
+        model = ParcaeLM(config)
+    tensors = _read_tensors(files, dtype, device)
+    table = tensors.pop(ROPE_TABLE, None)
+    if config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # tied to transformer.wte.weight
+    expected = model.expected_tensors()
+    if table is not None:
+        shape = (1, config.rope_table_length, 1, config.head_dim // 2, 2)
+        expected[ROPE_TABLE] = torch.Size(shape)
+        tensors[ROPE_TABLE] = table
+    check_tensors(expected, tensors, str(path))
+    tensors.pop(ROPE_TABLE, None)
+    model.load_state_dict(tensors, strict=False, assign=True)  # names checked just above
+    model.tie_weights()
+    model.rope_table = None if table is None else table.float()
+    model.eval()
+    return model
