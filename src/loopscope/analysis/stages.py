@@ -61,8 +61,11 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Shannon entropy (nats) along ``dim``; 0·log 0 = 0 so exact zeros (causal mask) are fine."""
-    return -torch.special.xlogy(p, p).sum(dim)
+    """Shannon entropy (nats) along ``dim``; 0·log 0 = 0 so exact zeros (causal mask) are fine.
+
+    ``entr`` (−p·log p, one unary kernel) equals ``−xlogy(p, p)`` bit for bit and is faster.
+    """
+    return torch.special.entr(p).sum(dim)
 
 
 # --------------------------------------------------------------------------- attention metrics
@@ -163,7 +166,19 @@ def massive_ratio(hidden: torch.Tensor) -> torch.Tensor:
     of T·D values and is clamped away from zero.
     """
     a = _f32(hidden).abs().flatten(-2)
-    return a.amax(-1) / a.median(-1).values.clamp_min(_TINY)
+    return a.amax(-1) / _lower_median(a).clamp_min(_TINY)
+
+
+def _lower_median(a: torch.Tensor) -> torch.Tensor:
+    """``a.median(-1).values`` (the lower median). On CPU numpy's introselect picks the same
+    element about ten times faster than torch.median, which matters in a per-layer probe. Rows
+    holding NaN may differ (torch gives NaN); callers here divide max|a| by it, which is NaN then
+    anyway."""
+    if a.device.type != "cpu" or a.requires_grad or a.dtype not in (torch.float32, torch.float64):
+        return a.median(-1).values
+    k = (a.shape[-1] - 1) // 2
+    part = np.partition(a.numpy(), k, axis=-1)[..., k]
+    return torch.from_numpy(np.ascontiguousarray(part))
 
 
 @dataclass(frozen=True)
@@ -444,11 +459,11 @@ class StagesAccumulator:
         if t == 1:
             col = torch.ones(s.shape[:-1], dtype=s.dtype, device=s.device)
         else:
-            col = 1.0 + torch.special.xlogy(s, s).sum(-1) / math.log(t)
+            col = 1.0 - _entropy(s) / math.log(t)
         at = s.amax(-1) if self.sink_position is None else s[..., self.sink_position]
         rate = (at >= self.sink_threshold).to(s.dtype).mean(-1)
-        mixing = torch.special.xlogy(a, a).sum(-1).mean(-1).mean(-1)
-        return [col.mean(-1), rate, s[..., 0].mean(-1), mixing.neg()]
+        mixing = _entropy(a).mean(-1).mean(-1)
+        return [col.mean(-1), rate, s[..., 0].mean(-1), mixing]
 
     @torch.no_grad()
     def observe(self, site: Site, hidden: torch.Tensor, attn: torch.Tensor | None) -> None:

@@ -1,0 +1,78 @@
+"""CLI subcommand ``loopscope stages``: the stages-of-inference report of one model, optionally
+against a feedforward reference and with interventions."""
+
+from __future__ import annotations
+
+import argparse
+
+from loopscope.analysis.stages import METRICS
+from loopscope.interventions import SYNTAX
+
+__all__ = ["add_stages_command"]
+
+_INTERVENE_HELP = (
+    f"intervention {SYNTAX}; RECURRENCES is a comma list with ranges (0-3,7), omitted = all; "
+    "ACTION is zero (default), scale=F or replace=F. Repeat for several."
+)
+
+
+def _cmd_stages(args: argparse.Namespace) -> int:
+    from loopscope.interventions import parse_intervention
+    from loopscope.stages_pipeline import run_stages
+
+    if args.recurrences is not None and args.recurrences < 1:
+        raise ValueError(f"--recurrences must be ≥ 1, got {args.recurrences}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
+    specs = [parse_intervention(text) for text in args.intervene or []]
+    shown = None if args.metrics is None else [m.strip() for m in args.metrics.split(",")]
+    paths = run_stages(
+        args.model,
+        args.prompts,
+        args.out,
+        reference=args.reference,
+        recurrences=args.recurrences,
+        intervention=specs or None,
+        limit=args.limit,
+        sink_threshold=args.sink_threshold,
+        show_metrics=shown,
+        progress=not args.no_progress,
+    )
+    print(f"report: {paths.html}\nmetrics: {paths.metrics_json}")
+    return 0
+
+
+def add_stages_command(sub: argparse._SubParsersAction) -> None:
+    """Register ``loopscope stages MODEL --prompts FILE --out DIR [options]``."""
+    p = sub.add_parser(
+        "stages",
+        help="stages-of-inference report: sinks, mixing, compression, alignment, neurons",
+    )
+    p.add_argument("model", help="'demo', 'demo-feedforward' or a checkpoint directory")
+    p.add_argument("--prompts", required=True, help="GSM8K/HellaSwag JSONL or a .txt file")
+    p.add_argument("--out", required=True, help="output directory for the report")
+    p.add_argument("--reference", help="feedforward model to align with (same forms as MODEL)")
+    p.add_argument(
+        "--recurrences", type=int, help="recurrences to run (default: the training count)"
+    )
+    p.add_argument(
+        "--intervene",
+        action="extend",
+        nargs="+",
+        metavar="SPEC",
+        help=_INTERVENE_HELP,
+    )
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument(
+        "--sink-threshold",
+        dest="sink_threshold",
+        type=float,
+        default=0.3,
+        help="sink score at which a head counts as a sink (default 0.3)",
+    )
+    p.add_argument(
+        "--metrics",
+        help="comma-separated metrics to draw (default all): " + ", ".join(METRICS),
+    )
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_cmd_stages)
