@@ -1,0 +1,210 @@
+"""Block applications to reach a relative residual of 1e-4: Anderson against plain iteration.
+
+    python benchmarks/fixed_point.py [--model DIR] [--tol 1e-4] [--device cpu]
+
+Measured side by side in one seeded run on
+  (a) the demo model (bundled weights; else ``--model``; else a fresh LoopLM of the demo
+      config, said so in the output), one solve per bundled prompt;
+  (b) random-init 12-layer stacks, width 128, no prelude/coda, 3 seeds, for the study's
+      pre-norm + additive injection and, because that one has no finite fixed point (its
+      stream grows linearly), for two bounded-state variants that do have one: Huginn's
+      sandwich norm + additive injection, and pre-norm + concat-linear injection.
+Columns: applications (calls of the block map) per method, their ratio, the relative
+difference of the two states, 1 − per-token cosine between them, how far each lies from a tight
+reference solve (Anderson, tol 1e-6; "-" for drifting maps, which have none), safeguard
+fall-backs, and whether the solve is drifting (relative residual fell only because ‖z‖ grew).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import loopscope
+from loopscope.analysis.fixed_point import FixedPointResult, block_map, solve_fixed_point
+from loopscope.checkpoint import CheckpointError, load_looplm
+from loopscope.data import ByteTokenizer, load_prompts
+from loopscope.families.looplm import LoopConfig, LoopLM
+from loopscope.nn.injection import InjectionKind
+from loopscope.nn.layers import NormScheme
+from loopscope.registry import get_config
+
+PROMPTS = Path(__file__).resolve().parents[1] / "src/loopscope/assets/prompts/demo.jsonl"
+
+
+def load_demo(model_path: str | None, device: str) -> tuple[LoopLM, str]:
+    """The bundled demo, else ``--model``, else a fresh init of its config (and which)."""
+    try:
+        return loopscope.load("demo", device=device), "bundled demo weights"
+    except CheckpointError:
+        pass
+    if model_path:
+        return load_looplm(model_path, device=device), f"checkpoint {model_path} (no bundled demo)"
+    model = LoopLM(get_config("demo-looped").model).to(device).eval()
+    return model, "FRESH RANDOM INIT of demo-looped (no bundled weights and no --model)"
+
+
+def relative(a: Tensor, b: Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def one_minus_cos(a: Tensor, b: Tensor) -> float:
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+    return float(1.0 - cos.mean())
+
+
+@dataclass
+class Row:
+    case: str
+    plain: FixedPointResult
+    anderson: FixedPointResult
+    reference: FixedPointResult | None
+    seconds: float
+
+    def cells(self) -> list[str]:
+        p, a, ref = self.plain, self.anderson, self.reference
+
+        def err(r: FixedPointResult) -> str:
+            return "-" if ref is None else f"{relative(r.state, ref.state):.1e}"
+
+        def apps(r: FixedPointResult) -> str:
+            return f"{r.iterations}" + ("" if r.converged else "*")
+
+        return [
+            self.case,
+            apps(p),
+            apps(a),
+            f"{p.iterations / a.iterations:.1f}x",
+            f"{relative(a.state, p.state):.1e}",
+            f"{one_minus_cos(a.state, p.state):.1e}",
+            err(p),
+            err(a),
+            str(a.fell_back),
+            f"{'y' if p.drifting else 'n'}/{'y' if a.drifting else 'n'}",
+            f"{self.seconds:.1f}",
+        ]
+
+
+HEADER = [
+    "case",
+    "plain",
+    "anderson",
+    "ratio",
+    "rel diff",
+    "1-cos",
+    "plain err",
+    "anderson err",
+    "fell back",
+    "drift p/a",
+    "s",
+]
+
+
+def solve_both(
+    case: str, f: Callable[[Tensor], Tensor], z0: Tensor, tol: float, max_iter: int
+) -> Row:
+    start = time.perf_counter()
+    plain = solve_fixed_point(f, z0, method="plain", tol=tol, max_iter=max_iter)
+    anderson = solve_fixed_point(f, z0, method="anderson", tol=tol, max_iter=max_iter)
+    reference = None
+    if not (plain.drifting or anderson.drifting):
+        reference = solve_fixed_point(f, z0, method="anderson", tol=1e-6, max_iter=4000)
+    return Row(case, plain, anderson, reference, time.perf_counter() - start)
+
+
+def stack(scheme: NormScheme, injection: InjectionKind, seed: int) -> LoopLM:
+    config = LoopConfig(
+        name=f"{scheme}+{injection}",
+        d_model=128,
+        n_heads=4,
+        prelude_layers=0,
+        block_layers=12,
+        coda_layers=0,
+        train_recurrences=4,
+        injection=injection,
+        norm_scheme=scheme,
+        init_state="zeros",
+        init_seed=seed,
+    )
+    return LoopLM(config).eval()
+
+
+def print_table(rows: list[Row]) -> None:
+    table = [HEADER] + [r.cells() for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
+    for line in table:
+        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+
+
+def summary(label: str, rows: list[Row]) -> None:
+    ratios = [r.plain.iterations / r.anderson.iterations for r in rows]
+    diffs = [relative(r.anderson.state, r.plain.state) for r in rows]
+    drift = sum(r.plain.drifting or r.anderson.drifting for r in rows)
+    mean = sum(ratios) / len(ratios)
+    print(
+        f"{label}: ratio plain/anderson min {min(ratios):.1f}x, mean {mean:.1f}x (target ≥ 3x);"
+        f" rel diff max {max(diffs):.1e} (target ≤ 1e-3); drifting {drift}/{len(rows)}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="checkpoint directory if the bundled demo is missing")
+    parser.add_argument("--tol", type=float, default=1e-4)
+    parser.add_argument("--max-iter", type=int, default=20000)
+    parser.add_argument("--prompts", type=int, default=4, help="bundled prompts for (a)")
+    parser.add_argument("--tokens", type=int, default=64, help="random tokens per stack prompt")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    model, source = load_demo(args.model, args.device)
+    print(f"(a) demo model: {source}; tol {args.tol:g}, max {args.max_iter} applications")
+    print("    (* = not converged within max-iter)")
+    tokenizer = ByteTokenizer()
+    rows_a = []
+    for i, text in enumerate(load_prompts(PROMPTS)[: args.prompts]):
+        ids = torch.tensor([tokenizer.encode(text, bos=True)], device=args.device)
+        f, z0 = block_map(model, ids)
+        rows_a.append(
+            solve_both(f"demo prompt {i} ({ids.shape[1]} tok)", f, z0, args.tol, args.max_iter)
+        )
+    print_table(rows_a)
+    summary("(a) demo", rows_a)
+
+    print(f"\n(b) random 12-layer stacks, width 128, {args.tokens} random tokens, seeds 0-2")
+    rows_b: dict[str, list[Row]] = {}
+    cases: list[tuple[NormScheme, InjectionKind]] = [
+        ("pre", "add"),
+        ("huginn", "add"),
+        ("pre", "concat-linear"),
+    ]
+    for scheme, injection in cases:
+        key = f"{scheme}+{injection}"
+        for seed in range(3):
+            net = stack(scheme, injection, seed).to(args.device)
+            gen = torch.Generator().manual_seed(seed)
+            ids = torch.randint(0, 256, (1, args.tokens), generator=gen).to(args.device)
+            f, z0 = block_map(net, ids)
+            rows_b.setdefault(key, []).append(
+                solve_both(f"{key} seed {seed}", f, z0, args.tol, args.max_iter)
+            )
+    print_table([r for rows in rows_b.values() for r in rows])
+    for key, rows in rows_b.items():
+        summary(f"(b) {key}", rows)
+    print(
+        "\nDrifting maps (pre-norm + additive injection) have no finite fixed point: the stream\n"
+        "grows by a bounded step every recurrence, so the relative residual falls like 1/k.\n"
+        "Anderson meets the tolerance by jumping far out along the ray, at a point (and in a\n"
+        "direction) the tolerance does not pin down: its ratio there is not a speed-up."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Anderson acceleration against maps whose fixed point is known, and on LoopLM block maps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from loopscope.analysis.fixed_point import block_map, solve_fixed_point
+from loopscope.families.looplm import LoopConfig, LoopLM
+from loopscope.nn.injection import InjectionKind
+from loopscope.nn.layers import NormScheme
+
+F64 = torch.float64
+
+
+def symmetric(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Q diag(eigs) Qᵀ for a seeded random orthogonal Q: known spectrum, no special basis."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=F64))
+    return q @ torch.diag(eigs.to(F64)) @ q.T
+
+
+def rhs(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def test_affine_map_anderson_is_much_faster_and_exact() -> None:
+    n = 40
+    a = symmetric(torch.linspace(0.0, 0.95, n))  # ρ = 0.95: plain needs ~ log(tol)/log(ρ)
+    b = rhs(n)
+    exact = torch.linalg.solve(torch.eye(n, dtype=F64) - a, b)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return a @ z + b
+
+    z0 = torch.zeros(n, dtype=F64)
+    plain = solve_fixed_point(f, z0, method="plain", tol=1e-8, max_iter=2000)
+    anderson = solve_fixed_point(f, z0, method="anderson", tol=1e-8, max_iter=2000)
+    assert plain.converged and anderson.converged
+    assert anderson.fell_back == 0
+    assert 3 * anderson.iterations <= plain.iterations
+    for result in (plain, anderson):
+        err = float(
+            torch.linalg.vector_norm(result.state - exact) / torch.linalg.vector_norm(exact)
+        )
+        assert err < 1e-6
+        assert result.iterations == len(result.residuals) == len(result.absolute_residuals)
+        assert result.residuals[-1] <= 1e-8 and not result.drifting
+
+
+def test_tanh_map_both_methods_reach_the_same_point() -> None:
+    n = 40
+    a = symmetric(torch.linspace(0.0, 0.95, n))  # tanh is 1-Lipschitz: still a contraction
+    b = 0.3 * rhs(n)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(a @ z + b)
+
+    z0 = torch.zeros(n, dtype=F64)
+    plain = solve_fixed_point(f, z0, method="plain", tol=1e-10, max_iter=2000)
+    anderson = solve_fixed_point(f, z0, method="anderson", tol=1e-10)
+    assert plain.converged and anderson.converged
+    assert 2 * anderson.iterations <= plain.iterations
+    torch.testing.assert_close(anderson.state, plain.state, rtol=0, atol=1e-8)
+    torch.testing.assert_close(f(anderson.state), anderson.state, rtol=0, atol=1e-8)
+
+
+class BadStepAt:
+    """An affine contraction whose ``call``-th evaluation goes wrong (overflow to NaN, or a
+    huge value): the kind of failure an extrapolated step into an untested region causes."""
+
+    def __init__(self, call: int, value: float) -> None:
+        n = 20
+        self.a = symmetric(torch.linspace(0.0, 0.9, n), seed=2)
+        self.b = rhs(n, seed=3)
+        self.exact = torch.linalg.solve(torch.eye(n, dtype=F64) - self.a, self.b)
+        self.call, self.value, self.calls = call, value, 0
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.a @ z + self.b
+        return torch.full_like(out, self.value) if self.calls == self.call else out
+
+
+@pytest.mark.parametrize("value", [math.nan, 1e30])
+def test_safeguard_rejects_a_bad_accelerated_step(value: float) -> None:
+    bad = BadStepAt(call=6, value=value)  # call 6 evaluates an Anderson extrapolation
+    guarded = solve_fixed_point(bad, torch.zeros(20, dtype=F64), tol=1e-9)
+    assert guarded.converged and guarded.fell_back == 1
+    err = torch.linalg.vector_norm(guarded.state - bad.exact) / torch.linalg.vector_norm(bad.exact)
+    assert float(err) < 1e-7
+
+    unguarded_map = BadStepAt(call=6, value=value)
+    unguarded = solve_fixed_point(
+        unguarded_map, torch.zeros(20, dtype=F64), tol=1e-9, safeguard=None
+    )
+    assert unguarded.fell_back == 0
+    if math.isnan(value):  # NaN poisons the history: without the safeguard the solve stops
+        assert not unguarded.converged and unguarded.iterations == 6
+    else:  # the huge point enters the history and costs the unguarded solve extra steps
+        assert unguarded.iterations > guarded.iterations
+
+
+def test_safeguard_on_a_map_where_extrapolation_overshoots() -> None:
+    # Secant-like steps on z − atan(z − 3) jump far out, where |z| > 10 makes the map explode.
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return z - torch.atan(z - 3.0) * (1 + torch.relu(z.abs() - 10) ** 2)
+
+    z0 = torch.tensor([8.0, 7.0, -1.0, 6.5], dtype=F64)
+    guarded = solve_fixed_point(f, z0, tol=1e-8, max_iter=300)
+    unguarded = solve_fixed_point(f, z0, tol=1e-8, max_iter=300, safeguard=None)
+    assert guarded.converged and guarded.fell_back >= 1
+    torch.testing.assert_close(guarded.state, torch.full((4,), 3.0, dtype=F64))
+    assert max(unguarded.absolute_residuals) > 1000  # it ran out to |z| ≈ 60 and back
+    assert guarded.iterations < unguarded.iterations
+
+
+def tiny_model(injection: InjectionKind, scheme: NormScheme = "pre") -> LoopLM:
+    config = LoopConfig(
+        name="tiny",
+        d_model=32,
+        n_heads=2,
+        prelude_layers=1,
+        block_layers=2,
+        coda_layers=1,
+        context_length=64,
+        injection=injection,
+        norm_scheme=scheme,
+    )
+    return LoopLM(config).to(F64).eval()
+
+
+def prompt_ids() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_looplm_block_map_anderson_matches_plain_and_the_engine() -> None:
+    # Pre-norm with concat-linear injection (Huginn's adapter, W·[Z; X] with W_Z ≈ I/√2)
+    # contracts the stream, so a finite fixed point exists.
+    model = tiny_model("concat-linear")
+    f, z0 = block_map(model, prompt_ids())
+    plain = solve_fixed_point(f, z0, method="plain", tol=1e-9, max_iter=1000)
+    anderson = solve_fixed_point(f, z0, method="anderson", tol=1e-9)
+    assert plain.converged and anderson.converged
+    assert anderson.iterations < plain.iterations
+    rel = torch.linalg.vector_norm(anderson.state - plain.state) / torch.linalg.vector_norm(
+        plain.state
+    )
+    assert float(rel) <= 1e-3
+    # Plain iteration of block_map is the engine's recurrence, step for step.
+    engine = model(prompt_ids(), recurrences=plain.iterations).state
+    torch.testing.assert_close(plain.state, engine)
+
+
+def test_pre_norm_additive_injection_drifts_instead_of_converging() -> None:
+    # Each recurrence adds X plus bounded pre-norm updates to an unnormalised stream: the state
+    # grows linearly, the relative residual decays like 1/k, and there is no finite fixed point.
+    model = tiny_model("add")
+    f, z0 = block_map(model, prompt_ids())
+    plain = solve_fixed_point(f, z0, method="plain", tol=1e-2, max_iter=1000)
+    assert plain.converged and plain.drifting
+    assert 50 <= plain.iterations <= 200  # relative residual ≈ 1/k
+    anderson = solve_fixed_point(f, z0, method="anderson", tol=1e-2)
+    assert anderson.drifting
+
+
+def test_bad_options_and_shapes_get_clear_errors() -> None:
+    z0 = torch.zeros(3)
+    with pytest.raises(ValueError, match="unknown method 'newton'"):
+        solve_fixed_point(lambda z: z, z0, method="newton")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="memory"):
+        solve_fixed_point(lambda z: z, z0, memory=0)
+    with pytest.raises(ValueError, match="map shape"):
+        solve_fixed_point(lambda z: z[:2], z0)
+    with pytest.raises(ValueError, match="batch dimension"):
+        block_map(tiny_model("add"), torch.zeros(1, 2, 3, dtype=torch.long))
