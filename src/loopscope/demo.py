@@ -1,0 +1,127 @@
+"""``loopscope demo``: the whole pipeline on the bundled models and prompts, offline.
+
+It traces the looped model on the bundled problems far past its training depth, compares its
+stages of inference with its feedforward twin, and writes one report (``report.html``,
+``figures/``, ``metrics.json``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loopscope.report.html import Section, Table, format_cell
+from loopscope.trace import PromptInput, TraceSettings
+
+DEMO_PROMPTS = "demo.jsonl"
+
+
+def bundled_prompts_path() -> Path:
+    return Path(str(resources.files("loopscope") / "assets" / "prompts" / DEMO_PROMPTS))
+
+
+def _models_table(names: list[str]) -> Table:
+    """What the bundled models are and how well they do, from their model cards (measured on
+    held-out problems when they were exported)."""
+    from loopscope.checkpoint import bundled_model_dir
+
+    rows: list[list[Any]] = []
+    for name in names:
+        card_path = bundled_model_dir(name) / "card.json"
+        card = json.loads(card_path.read_text()) if card_path.exists() else {}
+        rows.append(
+            [
+                name,
+                card.get("layout"),
+                card.get("parameters"),
+                card.get("steps"),
+                card.get("held_out_loss"),
+                card.get("held_out_accuracy"),
+                card.get("size_bytes"),
+            ]
+        )
+    columns = [
+        "model",
+        "layout",
+        "parameters",
+        "training steps",
+        "held-out loss",
+        "held-out accuracy",
+        "bytes on disk",
+    ]
+    return Table(
+        "Bundled models (from their model cards)",
+        columns,
+        rows,
+        note="Accuracy: exact final answer by greedy decoding on held-out problems.",
+    )
+
+
+def print_table(table: Table) -> None:
+    """Plain-text rendering of a report table for the terminal."""
+    cells = [table.columns] + [[format_cell(c) for c in row] for row in table.rows]
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(table.columns))]
+    print(table.title)
+    for n, row in enumerate(cells):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def run_demo(out_dir: Path, *, recurrences: int = 64, quick: bool = False) -> int:
+    """Run the demo into ``out_dir``; returns a process exit code."""
+    import loopscope
+    from loopscope.pipeline import prompt_inputs, report, trace
+
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    looped = loopscope.load("demo")
+    feedforward = loopscope.load("demo-feedforward")
+    n_prompts = 4 if quick else 8
+    recurrences = min(recurrences, 32) if quick else recurrences
+    prompts = prompt_inputs(bundled_prompts_path(), limit=n_prompts)
+    print(
+        f"loopscope demo: {looped.meta.name} {looped.meta.layout} and its twin "
+        f"{feedforward.meta.name}; {len(prompts)} bundled problems, {recurrences} recurrences"
+    )
+
+    models = _models_table(["demo-looped", "demo-feedforward"])
+    print_table(models)
+    settings = TraceSettings(recurrences=recurrences, stability_prompts=1, stability_iters=20)
+    store = trace(looped, prompts, out_dir / "trace", settings, progress=True)
+    extra_sections = [Section("Bundled models", tables=[models])]
+    extra_metrics: dict[str, Any] = {"bundled_models": models.rows}
+    stages = _stages(store, feedforward, prompts)
+    if stages is not None:
+        extra_sections += stages[0]
+        extra_metrics["stages"] = stages[1]
+    paths = report(
+        store.path,
+        out_dir,
+        extra_sections=extra_sections,
+        extra_metrics=extra_metrics,
+        title="loopscope demo — bundled looped model",
+    )
+    from loopscope.analysis.trace_analysis import analyse_dynamics
+
+    print_table(analyse_dynamics(store).verdict)
+    print(f"report: {paths.html}\nmetrics: {paths.metrics_json}")
+    print(f"wall time: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _stages(store: Any, feedforward: Any, prompts: list[PromptInput]) -> Any:
+    """Stages of inference of the looped trace against the feedforward twin."""
+    from loopscope.stages_pipeline import (
+        pooled_profile_from_trace,
+        stages_profile,
+        stages_sections,
+    )
+
+    looped_profile = pooled_profile_from_trace(store)
+    reference = stages_profile(feedforward, prompts, progress=False)
+    return stages_sections(looped_profile, reference)
