@@ -173,4 +173,11 @@ def test_report_from_trace_has_verdict_rows_and_metrics(model: LoopLM, tmp_path:
         "unknown",
     }
     assert dyn_metrics["stability"]["prompts"] == 1
+    bound = dyn_metrics["attention_bound"]
+    assert set(bound) == {"block.0", "block.1"}
+    for layer in bound.values():
+        assert layer["steps_checked"] == 3 and layer["kappa"] > 0 and layer["bound_B"] > 0
+        # RoPE makes κ of the un-rotated product only approximate, yet far from violated here
+        assert layer["holds"] is True and layer["tightness_max"] < 0.5
+    assert "Proposition 4.2" in html
     shutil.rmtree(tmp_path / "report")

@@ -280,7 +280,10 @@ def _trace_one(
     save_npz(chunk / "summary.npz", **_summary_arrays(summary))
     _atomic_json(chunk / "stages.json", stages.result().to_dict())
     if index < settings.stability_prompts:
-        _atomic_json(chunk / "stability.json", stability_at_fixed_point(model, ids, settings))
+        record = stability_at_fixed_point(model, ids, settings)
+        if capture is not None:
+            record["attention_bound"] = attention_bound_terms(model, ids, capture, settings)
+        _atomic_json(chunk / "stability.json", record)
     os.replace(chunk, out / _chunk_name(index))
 
 
@@ -366,6 +369,83 @@ def stability_at_fixed_point(
         )
         per_layer.append(asdict(est))
     return {"block": asdict(whole), "layers": per_layer}
+
+
+def attention_bound_terms(
+    model: LoopedLM, ids: Tensor, capture: CaptureProbe, settings: TraceSettings
+) -> list[dict[str, Any]] | None:
+    """Per block layer, what Proposition 4.2 compares: the attention input's step norms
+    ‖X_r − X_{r−1}‖_F, the attention maps' step norms (mean over heads), the input bound B
+    (largest token norm of the attention input) and κ = max_h ‖W_Q^h W_Kᵀ^h‖₂."""
+    from loopscope.analysis.dynamics import kappa_from_weights
+
+    kept = _attention_kept(settings)
+    attn = capture.attention_array()
+    block = capture.stage_array("block")
+    if (
+        attn is None
+        or block.ndim != 4
+        or settings.layers is not None
+        or settings.positions != "all"
+    ):
+        return None
+    steps = [r for r in range(1, len(kept)) if kept[r] == kept[r - 1] + 1]
+    if not steps or model.attention_weights(0) is None:
+        return None
+    with torch.no_grad():
+        inputs, _ = prelude_output(model, ids)
+        generator = torch.Generator(device=ids.device).manual_seed(settings.seed)
+        mode = settings.init_state or model.meta.default_init_state
+        init = model.initial_state(inputs, mode, generator, model.init_std)  # type: ignore[arg-type]
+    states = torch.from_numpy(block).to(inputs.device, inputs.dtype)
+    terms = []
+    for layer in range(model.meta.block_layers):
+        weights = model.attention_weights(layer)
+        assert weights is not None
+        with torch.no_grad():
+            x_in = [
+                _layer_input(model, states, inputs[0], init[0], kept[r], layer)
+                for r in range(len(kept))
+            ]
+            att_in = [weights.input_map(x[None])[0].float() for x in x_in]
+        kappa = kappa_from_weights(
+            weights.w_q.detach().float().cpu().numpy(),
+            weights.w_k.detach().float().cpu().numpy(),
+            weights.n_heads,
+            weights.n_kv_heads,
+        )
+        terms.append(
+            {
+                "layer": layer,
+                "recurrences": [kept[r] for r in steps],
+                "input_steps": [float((att_in[r] - att_in[r - 1]).norm()) for r in steps],
+                "attention_steps": [
+                    float(
+                        np.sqrt(
+                            ((attn[r, layer] - attn[r - 1, layer]) ** 2).sum(axis=(-2, -1))
+                        ).mean()
+                    )
+                    for r in steps
+                ],
+                "bound_B": float(max(float(a.norm(dim=-1).max()) for a in att_in)),
+                "kappa": float(kappa.max()),
+                "d_head": int(weights.w_q.shape[1] // weights.n_heads),
+            }
+        )
+    return terms
+
+
+def _layer_input(
+    model: LoopedLM, states: Tensor, inputs: Tensor, init: Tensor, recurrence: int, layer: int
+) -> Tensor:
+    """The residual stream entering block ``layer`` at ``recurrence``, rebuilt from the
+    captured states (layer 0 sees the injected state of the previous recurrence)."""
+    if layer > 0:
+        return states[recurrence, layer - 1]
+    previous = (
+        init if recurrence == 0 else model.recurrence_norm(states[recurrence - 1, -1][None])[0]
+    )
+    return model.inject(previous[None], inputs[None])[0]
 
 
 # -- reading ------------------------------------------------------------------------------

@@ -125,6 +125,83 @@ def _stability(store: TraceStore) -> dict[str, Any]:
     }
 
 
+def _attention_bound(store: TraceStore) -> tuple[dict[str, Any], Section | None]:
+    """Proposition 4.2 per block layer, pooled over the prompts that recorded its terms."""
+    per_layer: dict[int, list[dict[str, Any]]] = {}
+    for prompt in store:
+        record = prompt.stability
+        for term in (record or {}).get("attention_bound") or []:
+            per_layer.setdefault(int(term["layer"]), []).append(term)
+    if not per_layer:
+        return {}, None
+    rows, metrics, checks = [], {}, []
+    for layer, terms in sorted(per_layer.items()):
+        check = dyn.attention_bound_check(
+            np.concatenate([t["attention_steps"] for t in terms]),
+            np.concatenate([t["input_steps"] for t in terms]),
+            kappa=max(t["kappa"] for t in terms),
+            bound_B=max(t["bound_B"] for t in terms),
+            d_head=int(terms[0]["d_head"]),
+        )
+        checks.append((layer, check))
+        median = float(np.nanmedian(check.ratio)) if np.isfinite(check.ratio).any() else None
+        metrics[f"block.{layer}"] = {
+            "kappa": max(t["kappa"] for t in terms),
+            "bound_B": max(t["bound_B"] for t in terms),
+            "lipschitz": check.lipschitz,
+            "holds": check.holds,
+            "tightness_max": check.tightness,
+            "tightness_median": median,
+            "steps_checked": check.n_checked,
+        }
+        rows.append(
+            [
+                f"block layer {layer}",
+                metrics[f"block.{layer}"]["kappa"],
+                metrics[f"block.{layer}"]["bound_B"],
+                check.lipschitz,
+                check.holds,
+                check.tightness,
+                median,
+            ]
+        )
+    tightest = max(checks, key=lambda lc: lc[1].tightness if np.isfinite(lc[1].tightness) else -1)
+    section = Section(
+        "Attention bound (Proposition 4.2)",
+        text=(
+            "Measured change of the attention maps between consecutive recurrences (mean over "
+            "heads of the Frobenius norm) against the bound ‖S(X_t) − S(X_{t−1})‖ ≤ "
+            "½·2Bκ/√d·‖X_t − X_{t−1}‖, with X the attention input (after the pre-attention "
+            "norm), B its largest token norm and κ the largest per-head ‖W_Q W_Kᵀ‖₂. Tightness "
+            "is measured / bound: far below 1 means the bound is loose. With rotary positions "
+            "κ is that of the un-rotated product."
+        ),
+        tables=[
+            Table(
+                "Bound per block layer",
+                [
+                    "layer",
+                    "κ",
+                    "B",
+                    "Bκ/√d",
+                    "holds",
+                    "max measured/bound",
+                    "median measured/bound",
+                ],
+                rows,
+            )
+        ],
+        figures=[
+            Figure(
+                "attention_bound",
+                f"Block layer {tightest[0]}, the tightest.",
+                figs.plot_bound_check(tightest[1]),
+            )
+        ],
+    )
+    return metrics, section
+
+
 def _verdict_word(radius: float | None) -> str:
     if radius is None or not np.isfinite(radius):
         return "—"
@@ -247,6 +324,8 @@ def analyse_dynamics(store: TraceStore, thresholds: Thresholds | None = None) ->
         "extrapolation": extrapolation,
         "thresholds": th.__dict__,
     }
+    bound_metrics, bound_section = _attention_bound(store)
+    metrics["attention_bound"] = bound_metrics
     sections = _sections(
         store,
         per,
@@ -262,6 +341,8 @@ def analyse_dynamics(store: TraceStore, thresholds: Thresholds | None = None) ->
         train_r,
         th,
     )
+    if bound_section is not None:
+        sections.insert(4, bound_section)
     return DynamicsAnalysis(metrics=metrics, verdict=verdict, sections=sections)
 
 

@@ -1,8 +1,9 @@
 """Online probes: reductions computed on the device while states stream past, so a long run over
 many prompts never holds every state in memory.
 
-All probes keep 0-dim or per-token tensors on the model's device and synchronise with the host
-only in ``result()``; that is what keeps tracing close to the cost of a plain forward pass.
+Probes keep their reductions (and DynamicsProbe a bounded buffer of recent states) on the
+model's device and synchronise with the host only in ``result()``; that, and few kernels per
+state, is what keeps tracing close to the cost of a plain forward pass.
 """
 
 from __future__ import annotations
@@ -17,14 +18,11 @@ from torch import Tensor
 from loopscope.engine.sites import Site
 
 
-def _token_cosine(a: Tensor, b: Tensor) -> Tensor:
-    """Per-token cosine (batch, T) in fp32; cos(0, 0) = 1 like the offline analyses."""
-    a32, b32 = a.float(), b.float()
-    dot = (a32 * b32).sum(-1)
-    na, nb = a32.norm(dim=-1), b32.norm(dim=-1)
+def _cosine_from(dot: Tensor, na: Tensor, nb: Tensor) -> Tensor:
+    """Per-token cosine from the dot product and the two norms; cos(0, 0) = 1 like the offline
+    analyses (norms are ≥ 0, so both are 0 exactly when na + nb = 0)."""
     cos = dot / (na * nb).clamp_min(1e-30)
-    both_zero = (na == 0) & (nb == 0)
-    return torch.where(both_zero, torch.ones_like(cos), cos)
+    return torch.where((na + nb) == 0, 1.0, cos)
 
 
 @dataclass
@@ -52,7 +50,16 @@ class DynamicsProbe:
     changes, for every (recurrence, block layer), batch size 1.
 
     ``reference`` is the per-layer fixed point (L, T, D) from a previous long run;
-    ``attn_reference`` likewise (L, H, T, T)."""
+    ``attn_reference`` likewise (L, H, T, T).
+
+    States are copied into one fp32 buffer of a few recurrences (as many as fit in
+    ``chunk_elements``, at least one) and every metric is reduced over the whole chunk at once:
+    a few kernels per chunk instead of a few dozen per layer, because kernel launches, not
+    arithmetic, are what tracing a small model costs. The buffer and the previous recurrence's
+    states are all the probe holds, so memory stays bounded however many recurrences run."""
+
+    #: Upper bound on buffered state entries (fp32): 2 MiB, or one recurrence if that is more.
+    chunk_elements = 1 << 19
 
     def __init__(
         self,
@@ -67,10 +74,20 @@ class DynamicsProbe:
         self.reference = reference
         self.attn_reference = attn_reference
         self.wants_attention = track_attention or attn_reference is not None
-        self._prev: dict[int, Tensor] = {}
+        # slot ``_prev_slot``: the last recurrence before the chunk (masked); the chunk fills
+        # slots ``_start``.. (1..k, then the last one is copied to slot 0; with k = 1 the two
+        # slots swap roles instead, which saves that copy for models too big to chunk)
+        self._buf: Tensor | None = None  # (k + 1, L, T, D) fp32
+        self._token_norm: Tensor | None = None  # (k + 1, L, T)
+        self._have_prev = False
+        self._prev_slot, self._start = 0, 1
+        self._filled = 0  # complete recurrences in the chunk
+        self._layer = 0  # next block layer expected
+        self._recurrences_seen = 0
+        self._ref: tuple[Tensor, Tensor, Tensor] | None = None  # (ref32, token norms, norms)
         self._prev_attn: dict[int, Tensor] = {}
         self._rows: dict[str, list[Tensor]] = {}
-        self._bad: Tensor | None = None
+        self._nan_if_bad: Tensor | None = None  # (T,): NaN for tokens ever non-finite, else 0
 
     def _put(self, key: str, value: Tensor) -> None:
         self._rows.setdefault(key, []).append(value.detach())
@@ -79,55 +96,133 @@ class DynamicsProbe:
         if site.stage != "block":
             return
         h = hidden[0].detach()
-        layer = site.layer
-        finite = torch.isfinite(h).all(-1)
-        self._bad = ~finite if self._bad is None else self._bad | ~finite
-        h = torch.where(finite[:, None], h, torch.zeros_like(h))
-        norm = h.float().norm()
-        self._put("state_norm", norm)
-        prev = self._prev.get(layer)
-        if prev is None:
-            nan = torch.full((), float("nan"), device=h.device)
+        layer, n_layers = site.layer, self.shape[1]
+        if layer != self._layer:
+            raise RuntimeError(
+                f"DynamicsProbe got block layer {layer} where it expected layer {self._layer} of "
+                f"{n_layers}; construct it with block_layers=model.meta.block_layers"
+            )
+        buf = self._buf
+        if buf is None or buf.shape[2:] != h.shape or buf.device != h.device:
+            buf = self._allocate(h)
+        buf[self._start + self._filled, layer].copy_(h)
+        if layer + 1 < n_layers:
+            self._layer = layer + 1
+        else:
+            self._layer = 0
+            self._filled += 1
+            self._recurrences_seen += 1
+            full = self._filled == buf.shape[0] - 1
+            if full or self._recurrences_seen == self.shape[0]:
+                self._flush()
+        if attn is not None:
+            self._observe_attention(layer, attn)
+
+    def _allocate(self, h: Tensor) -> Tensor:
+        """Buffers for as many recurrences of ``h``-shaped states as fit the chunk budget."""
+        n_layers = self.shape[1]
+        per_recurrence = max(1, n_layers * h.numel())
+        k = max(1, min(self.shape[0], self.chunk_elements // per_recurrence))
+        self._buf = torch.empty((k + 1, n_layers, *h.shape), dtype=torch.float32, device=h.device)
+        self._token_norm = torch.empty(self._buf.shape[:-1], dtype=torch.float32, device=h.device)
+        self._have_prev = False
+        self._prev_slot, self._start = 0, 1
+        return self._buf
+
+    def _flush(self) -> None:
+        """All metrics of the buffered recurrences; non-finite tokens are zeroed first (per
+        layer) and remembered as divergent."""
+        buf, token_norm, n = self._buf, self._token_norm, self._filled
+        if buf is None or token_norm is None or n == 0:
+            return
+        p, c = self._prev_slot, self._start  # p = c − 1, or the other slot when k = 1
+        states = buf[c : c + n]  # (n, L, T, D)
+        # x·0 is ±0 for finite x and NaN for ±inf/NaN, so a token's sum of x·0 is 0 exactly when
+        # all its entries are finite (on the host ~10x cheaper than isfinite().all(-1))
+        zero_sums = (states * 0).sum(-1)  # (n, L, T): ±0 or NaN
+        finite = zero_sums == 0
+        nan_if_bad = zero_sums.sum((0, 1))
+        self._nan_if_bad = nan_if_bad if self._nan_if_bad is None else self._nan_if_bad + nan_if_bad
+        # on the host a branch is free and skips the masking pass in the usual all-finite case;
+        # on an accelerator it would wait for the device, so the mask is always applied there
+        if states.device.type != "cpu" or not bool(finite.all()):
+            states.masked_fill_(~finite[..., None], 0.0)
+        torch.linalg.vector_norm(states, dim=-1, out=token_norm[c : c + n])
+        self._put("state_norm", torch.linalg.vector_norm(states, dim=(2, 3)))
+        lo = 0 if self._have_prev else 1  # the run's first recurrence has no predecessor
+        if lo:
+            nan = torch.full((1, self.shape[1]), float("nan"), device=states.device)
             self._put("step_norm", nan)
             self._put("step_cosine", nan)
-        else:
-            self._put("step_norm", (h.float() - prev.float()).norm())
-            self._put("step_cosine", _token_cosine(h, prev).mean())
-        self._prev[layer] = h
+        if n > lo:  # recurrence i of the chunk against its predecessor
+            cur, prev = buf[c + lo : c + n], buf[p + lo : p + n]
+            self._put("step_norm", torch.linalg.vector_norm(cur - prev, dim=(2, 3)))
+            dot = (cur * prev).sum(-1)
+            cos = _cosine_from(dot, token_norm[c + lo : c + n], token_norm[p + lo : p + n])
+            self._put("step_cosine", cos.mean(-1))
         if self.reference is not None:
-            ref = self.reference[layer]
-            self._put("ref_distance", (h.float() - ref.float()).norm())
-            self._put("ref_cosine", _token_cosine(h, ref).mean())
-            self._put("ref_norm", ref.float().norm())
-        if attn is not None:
-            a = attn[0].detach().float()
-            prev_a = self._prev_attn.get(layer)
-            step = (a - prev_a).norm(dim=(-2, -1)).mean() if prev_a is not None else None
-            self._put("attn_step", step if step is not None else torch.full((), float("nan")))
-            self._prev_attn[layer] = a
-            if self.attn_reference is not None:
-                diff = a - self.attn_reference[layer].float()
-                self._put("attn_ref", diff.norm(dim=(-2, -1)).mean())
+            ref, ref_token_norm, _ = self._reference(states.device)
+            self._put("ref_distance", torch.linalg.vector_norm(states - ref, dim=(2, 3)))
+            dot = (states * ref).sum(-1)
+            cos = _cosine_from(dot, token_norm[c : c + n], ref_token_norm)
+            self._put("ref_cosine", cos.mean(-1))
+        if buf.shape[0] == 2:
+            self._prev_slot, self._start = c, p
+        else:
+            buf[0].copy_(buf[n])
+            token_norm[0].copy_(token_norm[n])
+        self._have_prev = True
+        self._filled = 0
+
+    def _reference(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """The reference in fp32 on ``device`` with its per-token and per-layer norms, once."""
+        if self._ref is None or self._ref[0].device != device:
+            assert self.reference is not None
+            ref = self.reference.detach().to(device=device, dtype=torch.float32)
+            norms = (
+                torch.linalg.vector_norm(ref, dim=-1),
+                torch.linalg.vector_norm(ref, dim=(1, 2)),
+            )
+            self._ref = (ref, *norms)
+        return self._ref
+
+    def _observe_attention(self, layer: int, attn: Tensor) -> None:
+        a = attn[0].detach().float()
+        prev_a = self._prev_attn.get(layer)
+        step = (a - prev_a).norm(dim=(-2, -1)).mean() if prev_a is not None else None
+        self._put("attn_step", step if step is not None else torch.full((), float("nan")))
+        self._prev_attn[layer] = a
+        if self.attn_reference is not None:
+            diff = a - self.attn_reference[layer].float()
+            self._put("attn_ref", diff.norm(dim=(-2, -1)).mean())
 
     def _grid(self, key: str) -> np.ndarray | None:
         rows = self._rows.get(key)
         if not rows:
             return None
-        values = torch.stack([r.float().cpu() for r in rows]).numpy()
+        values = torch.cat([r.float().reshape(-1) for r in rows]).cpu().numpy()
         return values.reshape(self.shape).astype(np.float64)
 
     def result(self) -> DynamicsSummary:
+        if self._layer:
+            raise RuntimeError(
+                f"DynamicsProbe saw {self._layer} block layers of a recurrence of "
+                f"{self.shape[1]}; construct it with block_layers=model.meta.block_layers"
+            )
+        self._flush()  # a run shorter than ``recurrences`` (reshaping below will say so)
         norm = self._grid("state_norm")
         step = self._grid("step_norm")
         cos = self._grid("step_cosine")
         if norm is None or step is None or cos is None:
             raise RuntimeError("DynamicsProbe saw no block layer; was it passed to the engine?")
         ref_distance = self._grid("ref_distance")
-        ref_norm = self._grid("ref_norm")
         ref_relative = None
-        if ref_distance is not None and ref_norm is not None:
+        if ref_distance is not None and self._ref is not None:
+            ref_norm = self._ref[2].cpu().numpy().astype(np.float64)[None, :]
             ref_relative = ref_distance / np.maximum(ref_norm, 1e-30)
-        bad = self._bad.cpu().numpy() if self._bad is not None else np.zeros(0, bool)
+        bad = np.zeros(0, bool)
+        if self._nan_if_bad is not None:
+            bad = torch.isnan(self._nan_if_bad).cpu().numpy()
         return DynamicsSummary(
             state_norm=norm,
             step_norm=step,

@@ -10,7 +10,7 @@ family unchanged.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -43,6 +43,19 @@ class FamilyMeta:
     def layout(self) -> str:
         """The study's (p, k⊗l, c) notation with l left symbolic."""
         return f"({self.prelude_layers}, {self.block_layers}⊗l, {self.coda_layers})"
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    """What the attention-Lipschitz bound (SPEC §2.4) needs of one block layer: the map from the
+    residual stream to the attention input (its pre-attention norm) and the query/key weights
+    in ``x @ W`` layout, (D, heads·head_dim)."""
+
+    input_map: Callable[[Tensor], Tensor]
+    w_q: Tensor
+    w_k: Tensor
+    n_heads: int
+    n_kv_heads: int
 
 
 class LoopLayer(Protocol):
@@ -123,6 +136,11 @@ class LoopedLM(nn.Module, ABC):
         return run_loop(
             self, input_ids, recurrences=recurrences, init_state=init_state, seed=seed, **kwargs
         )
+
+    def attention_weights(self, layer: int) -> AttentionWeights | None:
+        """Query/key weights of block layer ``layer`` for the attention bound; families that
+        do not expose them return None and the bound check is skipped."""
+        return None
 
     def unembedding(self) -> Tensor:
         """The (vocab, d_model) unembedding matrix, for logit-lens and neuron analyses."""

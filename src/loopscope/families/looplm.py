@@ -16,7 +16,14 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from loopscope.families.base import INIT_STATES, FamilyMeta, InitState, LoopedLM, LoopLayer
+from loopscope.families.base import (
+    INIT_STATES,
+    AttentionWeights,
+    FamilyMeta,
+    InitState,
+    LoopedLM,
+    LoopLayer,
+)
 from loopscope.nn.injection import INJECTIONS, InjectionKind, make_injection
 from loopscope.nn.layers import (
     NORM_SCHEMES,
@@ -224,6 +231,18 @@ class LoopLM(LoopedLM):
 
     def unembedding(self) -> Tensor:
         return self.lm_head.weight
+
+    def attention_weights(self, layer: int) -> AttentionWeights:
+        block = cast(BlockLayer, self.block_stack[layer])
+        d = self.config.d_model
+        qkv = block.attn.qkv.weight
+        return AttentionWeights(
+            input_map=block.norms[0],
+            w_q=qkv[:d].T,
+            w_k=qkv[d : 2 * d].T,
+            n_heads=self.config.n_heads,
+            n_kv_heads=self.config.n_heads,
+        )
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

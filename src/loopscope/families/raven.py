@@ -592,7 +592,9 @@ def _read_tensors(
         with safe_open(str(file), framework="pt", device=str(device)) as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                 tensor = handle.get_tensor(key)
-                if tensor.is_floating_point() and key != ROPE_TABLE:
+                if key == ROPE_TABLE:  # a view would keep its whole shard mapped and resident
+                    tensor = tensor.clone()
+                elif tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 tensors[key] = tensor
     return tensors
