@@ -124,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_export, _add_adaptive, _add_demo):
         add(sub)
+    from loopscope.cli_ablate import add_ablate_command
     from loopscope.cli_analysis import add_analysis_commands
     from loopscope.cli_stages import add_stages_command
 
     add_analysis_commands(sub)
     add_stages_command(sub)
+    add_ablate_command(sub)
     return parser
 
 

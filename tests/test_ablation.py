@@ -1,0 +1,326 @@
+"""Ablation sweeps: the grid covers every cell once, a rerun skips finished cells, a diverging
+or failing cell is recorded as not stable without stopping the sweep, the verdict rule gives
+the known answer on constructed dynamics, and the trained mini grid runs end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from loopscope.ablation import (
+    NOT_STABLE,
+    RANDOM_INIT_PRESETS,
+    STABLE_DEGENERATE,
+    STABLE_DISTINCT,
+    TRAINED_PRESETS,
+    Cell,
+    CellResult,
+    VerdictRule,
+    compare_with_study,
+    factor_summary,
+    judge,
+    measure_states,
+    random_init_grid,
+    random_init_preset,
+    run_cell,
+    run_random_init,
+    run_trained,
+)
+from loopscope.cli_ablate import main as ablate_main
+from loopscope.nn.injection import INJECTIONS
+from loopscope.nn.layers import NORM_SCHEMES
+from loopscope.training import TrainConfig
+
+TINY = replace(
+    RANDOM_INIT_PRESETS["quick"],
+    d_model=16,
+    n_heads=2,
+    recurrences=8,
+    prompts=2,
+    prompt_tokens=8,
+    spectral_iters=4,
+    seeds=1,
+    block_sizes=(2,),
+    norms=("pre", "huginn"),
+    injections=("none",),
+)
+RULE = VerdictRule()
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def test_quick_grid_enumerates_every_cell_exactly_once() -> None:
+    preset = random_init_preset("quick")
+    grid = random_init_grid(preset)
+    expected = set(itertools.product(NORM_SCHEMES, INJECTIONS, (4, 12, 16), range(3)))
+    assert len(grid) == 4 * 5 * 3 * 3 == 180
+    assert {(c.norm, c.injection, c.block, c.seed) for c in grid} == expected
+    assert len({c.key for c in grid}) == 180  # one file name per cell
+
+
+def test_narrowed_grid_and_bad_factors_are_explained() -> None:
+    preset = random_init_preset("quick", seeds=2, block_sizes=[12], norms=["pre", "ouro"])
+    assert len(random_init_grid(preset)) == 2 * 5 * 1 * 2
+    with pytest.raises(ValueError, match="twice"):
+        random_init_preset("quick", norms=["pre", "pre"])
+    with pytest.raises(ValueError, match="unknown norm 'sandwich'"):
+        random_init_preset("quick", norms=["sandwich"])
+    with pytest.raises(ValueError, match="≥ 2"):
+        random_init_preset("quick", block_sizes=[1, 4])
+    with pytest.raises(ValueError, match="seeds must be ≥ 1"):
+        random_init_preset("quick", seeds=0)
+    with pytest.raises(ValueError, match="unknown preset"):
+        random_init_preset("huge")
+
+
+# --------------------------------------------------------------------------- verdict rule
+
+
+def _fixed_points(distinct: bool) -> torch.Tensor:
+    """Per-layer fixed points (L=2, T=3, D=4): orthogonal directions or one shared point."""
+    p0 = torch.tensor([[1.0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]])
+    p1 = torch.tensor([[0.0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0]]) if distinct else p0
+    return torch.stack([p0, p1])
+
+
+def _converging(distinct: bool, rate: float = 0.5, recurrences: int = 40) -> torch.Tensor:
+    """X[r, l] = X*[l] + rate^r · E: geometric convergence, (R, L, B=1, T, D)."""
+    star = _fixed_points(distinct)
+    noise = torch.ones_like(star)
+    return torch.stack([star + rate**r * noise for r in range(recurrences)])[:, :, None]
+
+
+def _verdict(states: torch.Tensor, radius: float = float("nan")) -> tuple[str, str]:
+    m = measure_states(states)
+    return judge(
+        finite=m.finite,
+        last_step=m.last_step,
+        trend=m.trend,
+        radius=radius,
+        min_cosine=m.min_cosine,
+        rule=RULE,
+        first_bad_recurrence=m.first_bad_recurrence,
+    )
+
+
+def test_verdict_rule_on_constructed_dynamics() -> None:
+    assert _verdict(_converging(distinct=True))[0] == STABLE_DISTINCT
+    assert _verdict(_converging(distinct=False))[0] == STABLE_DEGENERATE
+    # Settled, but an expanding Jacobian is no attractor.
+    verdict, reason = _verdict(_converging(distinct=True), radius=1.5)
+    assert verdict == NOT_STABLE and "expanding" in reason
+    # A contraction at rate 0.9 after 40 steps still moves by ~0.9^39 ≈ 2e-2 > 1e-3, shrinking.
+    verdict, reason = _verdict(_converging(distinct=True, rate=0.9))
+    assert verdict == NOT_STABLE and "still shrinking" in reason
+
+    # Constant-speed rotation: every step is the same size → drifting.
+    angles = torch.arange(40, dtype=torch.float32) * 0.1
+    circle = torch.stack([angles.cos(), angles.sin(), torch.zeros(40), torch.zeros(40)], -1)
+    rotating = circle[:, None, None, None, :].expand(40, 2, 1, 3, 4).clone()
+    verdict, reason = _verdict(rotating)
+    assert verdict == NOT_STABLE and "not shrinking" in reason
+    assert measure_states(rotating).trend == pytest.approx(1.0, abs=1e-4)
+
+    broken = _converging(distinct=True)
+    broken[7, 1, 0, 2, 3] = float("nan")
+    verdict, reason = _verdict(broken)
+    assert verdict == NOT_STABLE and "non-finite" in reason and "recurrence 7" in reason
+
+
+def test_measures_are_scale_free_and_see_linear_growth() -> None:
+    # X_t = (t+1)·c + d: the norm doubles from R/2 to R, the direction settles as 1/t².
+    c = _fixed_points(distinct=True)
+    d = torch.randn(c.shape, generator=torch.Generator().manual_seed(0))
+    growing = torch.stack([(t + 1) * c + d for t in range(64)])[:, :, None]
+    m = measure_states(growing)
+    assert m.norm_growth == pytest.approx(2.0, rel=0.05)
+    assert m.raw_last_step == pytest.approx(1 / 64, rel=0.1)  # raw step ~ 1/t
+    assert m.last_step < m.raw_last_step / 10  # the direction moves far less
+    assert m.distance_curve[-1] == 0.0
+    scaled = measure_states(growing * 1000.0)
+    assert scaled.last_step == pytest.approx(m.last_step, rel=1e-4)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def test_random_init_sweep_resumes_skipping_finished_cells(tmp_path: Path) -> None:
+    first = run_random_init(tmp_path, TINY, progress=False, log=_silent)
+    keys = ["pre-none-k2-s0", "huginn-none-k2-s0"]
+    assert first.computed == keys
+    files = {k: tmp_path / "cells" / f"{k}.json" for k in keys}
+    kept = files["huginn-none-k2-s0"]
+    kept_stamp, kept_text = kept.stat().st_mtime_ns, kept.read_text()
+    files["pre-none-k2-s0"].unlink()  # as if the sweep was killed before this cell finished
+
+    second = run_random_init(tmp_path, TINY, progress=False, log=_silent)
+    assert second.computed == ["pre-none-k2-s0"]
+    assert kept.stat().st_mtime_ns == kept_stamp and kept.read_text() == kept_text
+    assert [r.cell.key for r in second.results] == keys
+    assert run_random_init(tmp_path, TINY, progress=False, log=_silent).computed == []
+
+    csv_rows = (tmp_path / "table.csv").read_text().splitlines()
+    assert len(csv_rows) == 3 and csv_rows[0].startswith("norm,injection,block")
+    assert "| pre | none | 2 |" in (tmp_path / "table.md").read_text()
+    assert "curves_pre" in (tmp_path / "report.html").read_text()
+    with pytest.raises(ValueError, match="different settings.*recurrences"):
+        run_random_init(tmp_path, replace(TINY, recurrences=6), progress=False, log=_silent)
+
+
+def test_diverging_cell_is_not_stable_and_the_sweep_continues(tmp_path: Path) -> None:
+    # In float16 a 10⁶ residual scale overflows a pre-norm stream (nothing renormalises it),
+    # while Huginn's sandwich renormalises after every branch and stays finite.
+    preset = replace(TINY, dtype="float16", residual_scale=1e6, recurrences=32)
+    run = run_random_init(tmp_path, preset, progress=False, log=_silent)
+    by_key = {r.cell.key: r for r in run.results}
+    pre, huginn = by_key["pre-none-k2-s0"], by_key["huginn-none-k2-s0"]
+    assert not pre.finite and pre.verdict == NOT_STABLE and "non-finite" in pre.reason
+    assert huginn.finite and math.isfinite(huginn.last_step) and math.isfinite(huginn.radius)
+    saved = json.loads((tmp_path / "cells" / "pre-none-k2-s0.json").read_text())
+    assert saved["verdict"] == NOT_STABLE and saved["last_step"] is None
+    assert (tmp_path / "report.html").exists()
+
+
+def test_a_cell_that_raises_is_recorded_with_its_error() -> None:
+    bad_ids = torch.tensor([[1, 2, 300, 4, 5, 6, 7, 8]])  # 300 is outside the byte vocabulary
+    result = run_cell(Cell("pre", "none", 2, 0), TINY, bad_ids)
+    assert result.verdict == NOT_STABLE and result.error is not None
+    assert "token ids must lie" in result.reason
+    back = CellResult.from_json(json.loads(json.dumps(result.to_json())))
+    assert back.error == result.error and math.isnan(back.last_step) and back.step_curve == []
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def _result(norm: str, injection: str, verdict: str, step: float, cos: float) -> CellResult:
+    return CellResult(
+        cell=Cell(norm, injection, 12, 0),
+        verdict=verdict,
+        reason="",
+        last_step=step,
+        trend=0.3,
+        raw_last_step=step,
+        min_cosine=cos,
+        radius=0.9,
+        radius_converged=True,
+        norm_growth=1.0,
+        injection_ratio=0.5,
+        finite=True,
+        distance_curve=[1.0, 0.5, 0.0],
+        step_curve=[0.5, step],
+        d_model=64,
+        recurrences=64,
+        seconds=0.1,
+    )
+
+
+def test_compare_with_study_and_factor_summary_use_this_runs_numbers() -> None:
+    results = [
+        _result("pre", "concat-linear", STABLE_DISTINCT, 1e-5, 0.8),
+        _result("pre", "none", STABLE_DEGENERATE, 1e-4, 0.999),
+        _result("huginn", "concat-linear", STABLE_DEGENERATE, 2e-4, 0.995),
+        _result("huginn", "none", STABLE_DEGENERATE, 3e-4, 0.999),
+        _result("ouro", "none", NOT_STABLE, 0.2, 0.6),
+        _result("ouro", "concat-linear", NOT_STABLE, 0.3, 0.5),
+    ]
+    table = compare_with_study(results)
+    rows = {row[0]: row for row in table.rows}
+    assert [r[0] for r in table.rows] == [
+        "pre + none",
+        "pre + concat-linear",
+        "huginn + none",
+        "huginn + concat-linear",
+        "ouro + none",
+        "ouro + concat-linear",
+    ]
+    agree = {name: row[6] for name, row in rows.items()}
+    assert agree == {
+        "pre + none": "yes",
+        "pre + concat-linear": "yes",
+        "huginn + none": "no",  # the study: not stable
+        "huginn + concat-linear": "yes",  # the study: "stable", either kind
+        "ouro + none": "yes",
+        "ouro + concat-linear": "yes",
+    }
+    assert "last step 3.0e-04" in str(rows["huginn + none"][7])
+
+    summary = factor_summary(results)
+    assert len(summary) == 2  # norm and injection vary; block size does not
+    assert summary[0].startswith("Normalisation — pre: 1/2 stable distinct, 1/2 stable degenerate")
+    assert "ouro changes stable-distinct cells from 1/2 to 0/2" in summary[0]
+
+
+# --------------------------------------------------------------------------- trained grid
+
+
+def test_trained_mini_grid_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
+    preset = replace(
+        TRAINED_PRESETS["quick"],
+        d_model=16,
+        n_heads=2,
+        train=TrainConfig(
+            steps=3,
+            batch_size=2,
+            warmup_steps=1,
+            eval_every=3,
+            eval_problems=2,
+            accuracy_problems=1,
+            checkpoint_every=100,
+            max_problem_steps=1,
+        ),
+        trace_recurrences=4,
+        prompts=1,
+        stability_iters=3,
+        block_sizes=(2,),
+        injections=("none",),
+        prelude_coda=(True,),
+        feedforward_layers=2,
+    )
+    run = run_trained(tmp_path, preset, progress=False, log=_silent)
+    looped_name, ff_name = "2-2x4-2-none-pre-s0", "ff2-pre-s0"
+    assert run.computed == [looped_name, ff_name]
+    looped, ff = run.results
+    assert looped.steps == 3 and looped.verdict in (NOT_STABLE, STABLE_DEGENERATE, STABLE_DISTINCT)
+    assert ff.feedforward and ff.verdict == "—"
+    assert 0.0 <= looped.eval_accuracy <= 1.0 and math.isfinite(looped.eval_loss)
+    cell_dir = tmp_path / "cells" / looped_name
+    assert (cell_dir / "report" / "report.html").exists()
+    assert (cell_dir / "model.safetensors").exists()
+    report = (tmp_path / "report.html").read_text()
+    assert looped_name in report and "stage alignment" in report.lower()
+
+    # Killed after training the feedforward cell, before its analyses finished.
+    (tmp_path / "cells" / ff_name / "result.json").unlink()
+    looped_stamp = (cell_dir / "result.json").stat().st_mtime_ns
+    messages: list[str] = []
+    again = run_trained(tmp_path, preset, progress=False, log=messages.append)
+    assert again.computed == [ff_name]
+    assert any("resuming from step 3" in m for m in messages)  # no step trained twice
+    assert (cell_dir / "result.json").stat().st_mtime_ns == looped_stamp
+    assert again.results[1].eval_loss == pytest.approx(ff.eval_loss)
+
+
+def test_cli_runs_a_narrowed_random_init_sweep(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = ablate_main(
+        [
+            "ablate", "random-init", "--out", str(tmp_path), "--norms", "post",
+            "--injections", "gated", "--block-sizes", "2", "--seeds", "1", "--no-progress",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert "1 cells, 1 computed" in capsys.readouterr().out
+    assert ablate_main(["ablate", "random-init", "--out", str(tmp_path), "--seeds", "0"]) == 2
