@@ -181,3 +181,36 @@ def test_report_from_trace_has_verdict_rows_and_metrics(model: LoopLM, tmp_path:
         assert layer["holds"] is True and layer["tightness_max"] < 0.5
     assert "Proposition 4.2" in html
     shutil.rmtree(tmp_path / "report")
+
+
+def test_anderson_reference_is_a_fixed_point_of_the_block(tmp_path: Path) -> None:
+    contractive = LoopLM(TINY.with_(norm_scheme="pre")).eval()
+    settings = TraceSettings(
+        **{
+            **SETTINGS.__dict__,
+            "fixed_point": "anderson",
+            "stability_prompts": 0,
+            "capture": "summary",
+        }
+    )
+    store = trace_prompts(contractive, _prompts(1), tmp_path / "aa", settings, progress=False)
+    chunk = store.prompt(0)
+    info = json.loads((chunk.path / "fixed_point.json").read_text())
+    assert info["converged"] and info["relative_residual"] <= 1e-5
+    reference = np.asarray(chunk.array("fixed_point"))
+    assert reference.shape == (2, 5, 16)
+    ids = torch.tensor([_prompts(1)[0].ids])
+    with torch.no_grad():
+        long_run = _last_recurrence_states(contractive, ids, 400)
+    np.testing.assert_allclose(reference, long_run, rtol=1e-3, atol=1e-4)
+    relative = chunk.summary["ref_relative"]
+    assert relative[-1].max() < relative[0].max()
+
+
+def _last_recurrence_states(model: LoopLM, ids: torch.Tensor, recurrences: int) -> np.ndarray:
+    """Every block layer's state at the last of ``recurrences`` plain recurrences."""
+    from loopscope.engine.probes import CaptureProbe
+
+    probe = CaptureProbe(recurrences=[recurrences - 1])
+    model(ids, recurrences=recurrences, probes=[probe])
+    return probe.stage_array("block")[0]

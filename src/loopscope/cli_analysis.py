@@ -27,6 +27,7 @@ def _settings(args: argparse.Namespace) -> TraceSettings:
         capture=args.capture,
         attention=not args.no_attention,
         stability_prompts=args.stability_prompts,
+        fixed_point=args.fixed_point,
     )
 
 
@@ -43,6 +44,12 @@ def _add_trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capture", choices=["full", "summary"], default="full")
     p.add_argument("--no-attention", action="store_true")
     p.add_argument("--stability-prompts", type=int, default=2)
+    p.add_argument(
+        "--fixed-point",
+        choices=["last", "anderson"],
+        default="last",
+        help="reference X*: the last recurrence's state, or solved by Anderson acceleration",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from loopscope.engine.loop import ContextLengthError, EditPlan, block_step, prelude_output
 from loopscope.engine.probes import CaptureProbe, DynamicsProbe, DynamicsSummary
+from loopscope.engine.sites import Site
 from loopscope.families.base import LoopedLM
 
 FORMAT = "loopscope-trace/1"
@@ -43,6 +44,7 @@ DIMS = {
     "prelude": ["layer", "token", "hidden"],
     "coda": ["layer", "token", "hidden"],
     "attn": ["recurrence", "layer", "head", "query", "key"],
+    "fixed_point": ["layer", "token", "hidden"],
 }
 
 
@@ -56,7 +58,9 @@ class TraceSettings:
     ``layers``: block layers to keep (None = all); ``capture``: "full" writes states,
     "summary" keeps only online reductions (then a second pass measures distances to the
     fixed point). Attention is kept for the first ``attention_recurrences`` recurrences and the
-    last one."""
+    last one. ``fixed_point``: the reference X* the distances are measured against — the state
+    after the last recurrence ("last", the study's choice) or the fixed point of the block map
+    solved by Anderson acceleration to ``fixed_point_tol`` ("anderson")."""
 
     recurrences: int = 64
     init_state: str | None = None
@@ -69,6 +73,8 @@ class TraceSettings:
     stability_prompts: int = 2
     stability_iters: int = 40
     state_dtype: str = "float32"
+    fixed_point: str = "last"
+    fixed_point_tol: float = 1e-5
 
     def validate(self, model: LoopedLM) -> None:
         if self.capture not in ("full", "summary"):
@@ -84,6 +90,11 @@ class TraceSettings:
             )
         if self.state_dtype not in ("float16", "float32"):
             raise TraceError("state_dtype must be 'float16' or 'float32'")
+        if self.fixed_point not in ("last", "anderson"):
+            raise TraceError(
+                f"fixed_point must be 'last' (the state after the last recurrence) or "
+                f"'anderson' (solved with Anderson acceleration), got {self.fixed_point!r}"
+            )
 
 
 @dataclass
@@ -262,13 +273,24 @@ def _trace_one(
             edit_plan=edit_plan,
         )
     summary = dynamics.result()
+    solved = None
+    if settings.fixed_point == "anderson":
+        solved = solve_reference(model, ids, settings, edit_plan)
     if settings.capture == "summary":
-        summary = _second_pass(model, ids, settings, edit_plan)
+        summary = _second_pass(model, ids, settings, edit_plan, solved)
     chunk = out / (_chunk_name(index) + ".partial")
     if chunk.exists():
         shutil.rmtree(chunk)
     chunk.mkdir()
     np.save(chunk / "tokens.npy", np.asarray(prompt.ids, dtype=np.int64))
+    if solved is not None:
+        reference = solved[0].float().cpu().numpy()
+        if settings.layers is not None:
+            reference = reference[settings.layers]
+        if keep is not None:
+            reference = reference[:, keep]
+        np.save(chunk / "fixed_point.npy", reference)
+        _atomic_json(chunk / "fixed_point.json", solved[1])
     if capture is not None:
         for stage in ("prelude", "block", "coda"):
             np.save(chunk / f"{stage}.npy", capture.stage_array(stage))
@@ -304,12 +326,48 @@ def _final_layer_states(
     return torch.from_numpy(capture.stage_array("block")[0]).to(ids.device)
 
 
-def _second_pass(
+def solve_reference(
     model: LoopedLM, ids: Tensor, settings: TraceSettings, edit_plan: EditPlan | None
+) -> tuple[Tensor, dict[str, Any]]:
+    """Per-layer fixed point (L, T, D) from the block map's fixed point z* = F(z*), found by
+    Anderson acceleration: one more recurrence from z* gives every layer's X*."""
+    from loopscope.analysis.fixed_point import block_map, solve_fixed_point
+
+    if edit_plan is not None:
+        raise TraceError("fixed_point='anderson' cannot be combined with interventions yet")
+    f, z0 = block_map(model, ids, init_state=settings.init_state, seed=settings.seed)  # type: ignore[arg-type]
+    result = solve_fixed_point(f, z0, tol=settings.fixed_point_tol, max_iter=500)
+    capture = CaptureProbe()
+    inputs, positions = prelude_output(model, ids)
+    state = model.inject(result.state, inputs)
+    with torch.no_grad():
+        for site_layer, layer in enumerate(model.block):
+            state, _ = layer(state, positions)
+            capture.observe(Site("block", site_layer, 0, site_layer), state, None)
+    info = {
+        "method": result.method,
+        "block_applications": result.iterations,
+        "relative_residual": result.residual,
+        "converged": result.converged,
+        "drifting": result.drifting,
+        "fell_back": result.fell_back,
+    }
+    return torch.from_numpy(capture.stage_array("block")[0]).to(ids.device), info
+
+
+def _second_pass(
+    model: LoopedLM,
+    ids: Tensor,
+    settings: TraceSettings,
+    edit_plan: EditPlan | None,
+    solved: tuple[Tensor, dict[str, Any]] | None = None,
 ) -> DynamicsSummary:
-    """Distances to the fixed point without storing states: one pass finds X*, the next
-    measures every recurrence against it."""
-    reference = _final_layer_states(model, ids, settings, edit_plan)
+    """Distances to the fixed point without storing states: one pass finds X* (unless it was
+    solved for), the next measures every recurrence against it."""
+    if solved is not None:
+        reference = solved[0]
+    else:
+        reference = _final_layer_states(model, ids, settings, edit_plan)
     probe = DynamicsProbe(
         settings.recurrences,
         model.meta.block_layers,

@@ -81,7 +81,9 @@ def _analyse_prompt(prompt: PromptTrace, th: Thresholds) -> _PerPrompt:
         )
     states = np.asarray(block, dtype=np.float64)
     diffs = dyn.successive_differences(states)
-    fixed = dyn.fixed_point_distances(states)
+    solved = prompt.array("fixed_point")
+    reference = None if solved is None else np.asarray(solved, dtype=np.float64)
+    fixed = dyn.fixed_point_distances(states, reference)
     head = min(th.heatmap_recurrences, states.shape[0])
     attn_arr = prompt.attn
     attn_relative = attn_map = None
