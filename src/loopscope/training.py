@@ -13,6 +13,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -254,6 +256,7 @@ def train(
     )
     step = start
     last_save = time.monotonic()
+    previous_handler = _stop_on_sigterm()
     try:
         while step < cfg.steps and (stop_after is None or step - start < stop_after):
             for group in optimizer.param_groups:
@@ -286,9 +289,23 @@ def train(
                 last_save = time.monotonic()
     finally:
         bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
         if step > start:
             _save_state(out, model, optimizer, cfg, step, history)
     return TrainResult(out, step, history, start)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_on_sigterm() -> Any:
+    """Turn SIGTERM (how schedulers and `kill` stop jobs) into KeyboardInterrupt so the last
+    finished step is checkpointed; returns the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
