@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loopscope.trace import TraceSettings
+from loopscope.trace import TraceSettings, TraceStore
 
 
 def _settings(args: argparse.Namespace) -> TraceSettings:
@@ -51,35 +51,60 @@ def _add_trace_options(p: argparse.ArgumentParser) -> None:
         help="reference X*: the last recurrence's state, or solved by Anderson acceleration",
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="shard the prompts over Ray workers: a local cluster, or the one at ADDRESS "
+        "(e.g. 'auto'); needs pip install 'loopscope[ray]'",
+    )
+    p.add_argument("--workers", type=int, help="with --ray: shards traced at once")
+
+
+def _run_trace(args: argparse.Namespace, out: str | Path) -> TraceStore:
+    """One process, or sharded over Ray workers with ``--ray`` (only then is Ray imported)."""
+    if args.ray is None:
+        if args.workers is not None:
+            raise ValueError("--workers only applies with --ray; add --ray or drop --workers")
+        from loopscope.pipeline import trace
+
+        return trace(
+            args.model,
+            args.prompts,
+            out,
+            _settings(args),
+            limit=args.limit,
+            progress=not args.no_progress,
+        )
+    from loopscope.distributed import trace_distributed
+    from loopscope.pipeline import prompt_inputs
+
+    try:
+        return trace_distributed(
+            args.model,
+            prompt_inputs(args.prompts, limit=args.limit),
+            out,
+            _settings(args),
+            address=args.ray,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+    except ImportError as err:
+        raise RuntimeError(str(err)) from None
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from loopscope.pipeline import trace
-
-    store = trace(
-        args.model,
-        args.prompts,
-        args.out,
-        _settings(args),
-        limit=args.limit,
-        progress=not args.no_progress,
-    )
+    store = _run_trace(args, args.out)
     print(f"traced {len(store)} prompts into {store.path}")
     return 0
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from loopscope.pipeline import report, trace
+    from loopscope.pipeline import report
 
     out = Path(args.out)
-    store = trace(
-        args.model,
-        args.prompts,
-        out / "trace",
-        _settings(args),
-        limit=args.limit,
-        progress=not args.no_progress,
-    )
+    store = _run_trace(args, out / "trace")
     paths = report(store.path, out)
     print(f"report: {paths.html}\nmetrics: {paths.metrics_json}")
     return 0

@@ -15,6 +15,10 @@ Layout (one chunk per prompt; arrays are ``.npy`` so they open lazily with ``mma
 
 An interrupted run resumes at the first prompt without a finished chunk; a directory traced
 with another model or other settings is refused rather than mixed.
+
+A sharded run (:mod:`loopscope.distributed`) writes the same chunks, keyed by the same prompt
+index, under ``TRACE/shards/shard_<first>-<last>/prompt_NNNNN/``; readers see the top level and
+every shard as one trace, and ``*.partial`` directories are never part of it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +43,8 @@ from loopscope.engine.sites import Site
 from loopscope.families.base import LoopedLM
 
 FORMAT = "loopscope-trace/1"
+SHARDS_DIR = "shards"
+_CHUNK_RE = re.compile(r"prompt_(\d{5,})")
 DIMS = {
     "tokens": ["token"],
     "block": ["recurrence", "layer", "token", "hidden"],
@@ -143,6 +150,24 @@ def _chunk_name(index: int) -> str:
     return f"prompt_{index:05d}"
 
 
+def chunk_paths(out: str | Path) -> dict[int, Path]:
+    """Finished chunks by prompt index: the top level first, then every shard in name order
+    (a prompt found twice keeps its first place). Unfinished ``.partial`` chunks never match."""
+    root = Path(out)
+    dirs = [root]
+    shards = root / SHARDS_DIR
+    if shards.is_dir():
+        dirs += sorted(d for d in shards.iterdir() if d.is_dir())
+    found: dict[int, Path] = {}
+    for directory in dirs:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                match = _CHUNK_RE.fullmatch(entry.name)
+                if match and entry.is_dir():
+                    found.setdefault(int(match.group(1)), Path(entry.path))
+    return found
+
+
 def _summary_arrays(summary: DynamicsSummary) -> dict[str, np.ndarray]:
     return {k: v for k, v in asdict(summary).items() if v is not None}
 
@@ -174,6 +199,46 @@ def _prompts_digest(prompts: Sequence[PromptInput]) -> str:
     return digest.hexdigest()[:16]
 
 
+def trace_header(
+    model: LoopedLM,
+    prompts: Sequence[PromptInput],
+    settings: TraceSettings,
+    *,
+    tokenizer_name: str = "byte",
+    bos: bool = True,
+) -> dict[str, Any]:
+    """Check the settings and prompts against the model and return the ``trace.json`` header
+    (the same whether one process or many trace the prompts)."""
+    settings.validate(model)
+    if not prompts:
+        raise TraceError("no prompts to trace: the prompt file is empty")
+    for index, prompt in enumerate(prompts):
+        if len(prompt.ids) > model.meta.context_length:
+            raise ContextLengthError(
+                f"prompt {index} has {len(prompt.ids)} tokens but the model's context is "
+                f"{model.meta.context_length}; shorten it or remove it from the prompt file"
+            )
+        if not prompt.ids:
+            raise TraceError(f"prompt {index} is empty after tokenisation")
+    return {
+        "format": FORMAT,
+        "model": model_fingerprint(model),
+        "settings": asdict(settings),
+        "tokenizer": {"name": tokenizer_name, "bos": bos},
+        "prompts_sha256": _prompts_digest(prompts),
+        "n_prompts": len(prompts),
+        "dims": DIMS,
+    }
+
+
+def open_trace(out: Path, header: dict[str, Any], prompts: Sequence[PromptInput]) -> None:
+    """Create ``out`` (or check it holds the same trace) and write the prompt list."""
+    _open_trace_dir(out, header)
+    (out / "prompts.jsonl").write_text(
+        "".join(json.dumps({"text": p.text, "n_tokens": len(p.ids)}) + "\n" for p in prompts)
+    )
+
+
 def trace_prompts(
     model: LoopedLM,
     prompts: Sequence[PromptInput],
@@ -192,33 +257,12 @@ def trace_prompts(
     new prompts (what an interrupted run looks like, for tests)."""
     from tqdm.auto import tqdm
 
-    settings.validate(model)
-    if not prompts:
-        raise TraceError("no prompts to trace: the prompt file is empty")
-    for index, prompt in enumerate(prompts):
-        if len(prompt.ids) > model.meta.context_length:
-            raise ContextLengthError(
-                f"prompt {index} has {len(prompt.ids)} tokens but the model's context is "
-                f"{model.meta.context_length}; shorten it or remove it from the prompt file"
-            )
-        if not prompt.ids:
-            raise TraceError(f"prompt {index} is empty after tokenisation")
+    header = trace_header(model, prompts, settings, tokenizer_name=tokenizer_name, bos=bos)
     out = Path(out_dir)
-    header = {
-        "format": FORMAT,
-        "model": model_fingerprint(model),
-        "settings": asdict(settings),
-        "tokenizer": {"name": tokenizer_name, "bos": bos},
-        "prompts_sha256": _prompts_digest(prompts),
-        "n_prompts": len(prompts),
-        "dims": DIMS,
-    }
-    _open_trace_dir(out, header)
-    (out / "prompts.jsonl").write_text(
-        "".join(json.dumps({"text": p.text, "n_tokens": len(p.ids)}) + "\n" for p in prompts)
-    )
+    open_trace(out, header, prompts)
     done = 0
-    todo = [i for i in range(len(prompts)) if not (out / _chunk_name(i)).is_dir()]
+    finished = chunk_paths(out)
+    todo = [i for i in range(len(prompts)) if i not in finished]
     model.eval()
     bar = tqdm(
         total=len(prompts), initial=len(prompts) - len(todo), disable=not progress, desc="trace"
@@ -567,6 +611,7 @@ class TraceStore:
             raise TraceError(f"{self.path}: unsupported trace format {self.header.get('format')}")
         lines = (self.path / "prompts.jsonl").read_text().splitlines()
         self.texts = [json.loads(line)["text"] for line in lines if line.strip()]
+        self._found: dict[int, Path] = {}
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -576,21 +621,32 @@ class TraceStore:
     def settings(self) -> dict[str, Any]:
         return dict(self.header["settings"])
 
+    def _chunks(self) -> dict[int, Path]:
+        """Rescanned on every call (a trace being written grows); remembered for lookups."""
+        self._found = {i: p for i, p in chunk_paths(self.path).items() if i < len(self.texts)}
+        return self._found
+
     def completed(self) -> list[int]:
-        return [i for i in range(len(self.texts)) if (self.path / _chunk_name(i)).is_dir()]
+        return sorted(self._chunks())
 
     def __len__(self) -> int:
-        return len(self.completed())
+        return len(self._chunks())
 
     def prompt(self, index: int) -> PromptTrace:
+        """One prompt's chunk, wherever it lies (top level or a shard)."""
         path = self.path / _chunk_name(index)
         if not path.is_dir():
+            path = self._found.get(index, path)
+        if not path.is_dir():
+            path = self._chunks().get(index, path)
+        if not path.is_dir() or not 0 <= index < len(self.texts):
             raise TraceError(f"prompt {index} has not been traced yet in {self.path}")
         return PromptTrace(path, self.texts[index])
 
     def __iter__(self) -> Iterator[PromptTrace]:
-        for index in self.completed():
-            yield self.prompt(index)
+        chunks = self._chunks()
+        for index in sorted(chunks):
+            yield PromptTrace(chunks[index], self.texts[index])
 
     def check_model(self, model: LoopedLM) -> None:
         """Refuse to mix a trace with a different model."""
