@@ -170,6 +170,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.chmod(tmp, 0o644)  # readable by every user of a shared install, like the JSON beside it
     os.replace(tmp, path)
 
 
