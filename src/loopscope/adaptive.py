@@ -589,13 +589,14 @@ def run_adaptive_cli(
     code (2 with a message on stderr when the model or prompts cannot be used)."""
     import loopscope
     from loopscope.checkpoint import CheckpointError
-    from loopscope.data import ByteTokenizer, DataFormatError, load_prompts
+    from loopscope.data import DataFormatError, load_prompts
+    from loopscope.tokenizers import tokenizer_for
 
     try:
         model = loopscope.load(model_source, device=device)
         texts = load_prompts(prompts_path)
-        tokenizer = ByteTokenizer()
-        ids = [torch.tensor(tokenizer.encode(t, bos=True), dtype=torch.long) for t in texts]
+        tokenizer = tokenizer_for(model_source)
+        ids = [torch.tensor(tokenizer.encode(t), dtype=torch.long) for t in texts]
         result = adaptive_depth_sweep(
             model, ids, max_recurrences=max_recurrences, batch_size=batch_size
         )

@@ -79,15 +79,19 @@ def _run_trace(args: argparse.Namespace, out: str | Path) -> TraceStore:
         )
     from loopscope.distributed import trace_distributed
     from loopscope.pipeline import prompt_inputs
+    from loopscope.tokenizers import tokenizer_for
 
+    tokenizer = tokenizer_for(args.model)
     try:
         return trace_distributed(
             args.model,
-            prompt_inputs(args.prompts, limit=args.limit),
+            prompt_inputs(args.prompts, limit=args.limit, tokenizer=tokenizer),
             out,
             _settings(args),
             address=args.ray,
             workers=args.workers,
+            tokenizer_name=tokenizer.name,
+            bos=tokenizer.bos,
             progress=not args.no_progress,
         )
     except ImportError as err:

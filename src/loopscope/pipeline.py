@@ -13,6 +13,7 @@ from typing import Any
 from loopscope.analysis.trace_analysis import Thresholds, analyse_dynamics
 from loopscope.families.base import LoopedLM
 from loopscope.report.html import ReportPaths, Section, write_report
+from loopscope.tokenizers import PromptTokenizer, byte_tokenizer, tokenizer_for
 from loopscope.trace import PromptInput, TraceSettings, TraceStore, trace_prompts
 
 
@@ -25,15 +26,18 @@ def resolve_model(source: str | LoopedLM) -> LoopedLM:
     return model
 
 
-def prompt_inputs(path: str | Path, *, limit: int | None = None) -> list[PromptInput]:
-    """Prompts from a GSM8K / HellaSwag JSONL or a text file, tokenised for our models."""
-    from loopscope.data import ByteTokenizer, load_prompts
+def prompt_inputs(
+    path: str | Path, *, limit: int | None = None, tokenizer: PromptTokenizer | None = None
+) -> list[PromptInput]:
+    """Prompts from a GSM8K / HellaSwag JSONL or a text file, tokenised for the model (our
+    byte tokenizer unless another is given)."""
+    from loopscope.data import load_prompts
 
     texts = load_prompts(path)
     if limit is not None:
         texts = texts[:limit]
-    tokenizer = ByteTokenizer()
-    return [PromptInput(text, tokenizer.encode(text, bos=True)) for text in texts]
+    chosen = tokenizer or byte_tokenizer()
+    return [PromptInput(text, chosen.encode(text)) for text in texts]
 
 
 def trace(
@@ -47,8 +51,21 @@ def trace(
 ) -> TraceStore:
     """Trace ``prompts`` through ``model`` into ``out_dir`` (resumable)."""
     resolved = resolve_model(model)
-    inputs = prompts if isinstance(prompts, list) else prompt_inputs(prompts, limit=limit)
-    return trace_prompts(resolved, inputs, out_dir, settings or TraceSettings(), progress=progress)
+    tokenizer = byte_tokenizer() if isinstance(model, LoopedLM) else tokenizer_for(model)
+    inputs = (
+        prompts
+        if isinstance(prompts, list)
+        else prompt_inputs(prompts, limit=limit, tokenizer=tokenizer)
+    )
+    return trace_prompts(
+        resolved,
+        inputs,
+        out_dir,
+        settings or TraceSettings(),
+        tokenizer_name=tokenizer.name,
+        bos=tokenizer.bos,
+        progress=progress,
+    )
 
 
 def report(

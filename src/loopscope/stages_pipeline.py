@@ -722,12 +722,17 @@ def stages_verdict(
 
 
 def _resolve_prompts(
-    prompts: str | Path | Sequence[PromptInput], limit: int | None
+    prompts: str | Path | Sequence[PromptInput],
+    limit: int | None,
+    model: str | LoopedLM | None = None,
 ) -> list[PromptInput]:
+    """Prompt files are tokenised with the tokenizer of ``model`` (when given by name)."""
     if isinstance(prompts, (str, Path)):
         from loopscope.pipeline import prompt_inputs
+        from loopscope.tokenizers import tokenizer_for
 
-        return prompt_inputs(prompts, limit=limit)
+        tokenizer = tokenizer_for(model) if isinstance(model, (str, Path)) else None
+        return prompt_inputs(prompts, limit=limit, tokenizer=tokenizer)
     chosen = list(prompts)
     return chosen[:limit] if limit is not None else chosen
 
@@ -759,7 +764,7 @@ def run_stages(
     tables to some of the metrics.
     """
     looped_model = _resolve(model)
-    inputs = _resolve_prompts(prompts, limit)
+    inputs = _resolve_prompts(prompts, limit, model)
     _check_prompts(inputs)
     n_rec = looped_model.meta.train_recurrences if recurrences is None else int(recurrences)
     specs = _as_specs(intervention)
@@ -796,8 +801,9 @@ def run_stages(
         ref_profile = reference
     elif reference is not None:
         ref_model = _resolve(reference)
+        ref_inputs = _resolve_prompts(prompts, limit, reference)  # its own tokenizer
         ref_profile = stages_profile(
-            ref_model, inputs, sink_threshold=sink_threshold, progress=progress
+            ref_model, ref_inputs, sink_threshold=sink_threshold, progress=progress
         )
         ref_classes = neuron_classes_per_layer(ref_model, notes=notes)
 
