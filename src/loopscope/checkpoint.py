@@ -4,6 +4,7 @@ with errors that list exactly which tensors are missing, unexpected or mis-shape
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -31,30 +32,53 @@ def bundled_model_dir(name: str) -> Path:
     return Path(str(resources.files("loopscope") / "assets" / "models" / folder))
 
 
-def _safetensors_files(directory: Path) -> list[Path]:
-    files = sorted(directory.glob("*.safetensors"))
-    files = [f for f in files if f.name != "optimizer.safetensors"]
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's safetensors files: those the shard index names, else every one present.
+    A directory with only pickle files is refused: unpickling can run arbitrary code."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({directory / f for f in weight_map.values()})
+        absent = [f.name for f in files if not f.exists()]
+        if absent:
+            raise CheckpointError(f"{index} names shards that are not there: {', '.join(absent)}")
+        return files
+    files = sorted(f for f in directory.glob("*.safetensors") if f.name != "optimizer.safetensors")
     if files:
         return files
-    pickles = [name for name in PICKLE_NAMES if (directory / name).exists()]
+    pickles = sorted(
+        {n for n in PICKLE_NAMES if (directory / n).exists()}
+        | {f.name for pattern in ("*.bin", "*.pt", "*.pth") for f in directory.glob(pattern)}
+    )
     if pickles:
         raise CheckpointError(
-            f"{directory} holds only pickle-format weights ({', '.join(pickles)}); loopscope "
-            "never unpickles checkpoints because unpickling can run arbitrary code. Convert "
-            "them once with safetensors (e.g. `safetensors.torch.save_file(torch.load(path, "
+            f"{directory} holds only pickle-format weights ({', '.join(pickles)}); loopscope never "
+            "unpickles checkpoints because unpickling can run arbitrary code. Convert them once "
+            "with safetensors (e.g. `safetensors.torch.save_file(torch.load(path, "
             "weights_only=True), 'model.safetensors')`) and load the directory again"
         )
     raise CheckpointError(f"{directory} contains no *.safetensors weights")
 
 
-def read_tensors(directory: Path, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """Every tensor of the directory's safetensors files, cast to ``dtype`` one at a time."""
+def read_tensors(
+    source: Path | Sequence[Path],
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    exact: Collection[str] = (),
+) -> dict[str, Tensor]:
+    """Every tensor of a checkpoint directory (or of the given files), cast to ``dtype`` one at
+    a time as it is read, so a bf16 load never holds an fp32 copy. Tensors named in ``exact``
+    are copied uncast: a view into the memory map would keep its whole shard resident."""
+    files = weight_files(source) if isinstance(source, Path) else list(source)
     tensors: dict[str, Tensor] = {}
-    for file in _safetensors_files(directory):
-        with safe_open(str(file), framework="pt") as handle:
+    for file in files:
+        with safe_open(str(file), framework="pt", device=str(device)) as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                 tensor = handle.get_tensor(key)
-                if dtype is not None and tensor.is_floating_point():
+                if key in exact:
+                    tensor = tensor.clone()
+                elif dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 tensors[key] = tensor
     return tensors

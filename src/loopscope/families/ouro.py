@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loopscope.checkpoint import CheckpointError, check_tensors
+from loopscope.checkpoint import CheckpointError, check_tensors, read_tensors, weight_files
 from loopscope.engine.sites import Site
 from loopscope.families.base import FamilyMeta, LoopedLM, LoopLayer
-from loopscope.families.raven import RavenRMSNorm, RavenRope, RopeSpec, _read_tensors, _weight_files
+from loopscope.families.raven import ROPE_TABLE, RavenRMSNorm, RavenRope, RopeSpec
 from loopscope.nn.layers import Edit, causal_attention_probs
 
 __all__ = [
@@ -479,10 +479,10 @@ def load_ouro(
         config = ouro_config_from_dict(raw, name=raw.get("name") or path.name)
     except ValueError as err:
         raise CheckpointError(f"{config_path}: {err}") from err
-    files = _weight_files(path)
+    files = weight_files(path)
     with torch.device("meta"):
         model = OuroLM(config)
-    tensors = _read_tensors(files, dtype, device)
+    tensors = read_tensors(files, dtype, device, exact={ROPE_TABLE})
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # tied to model.embed_tokens.weight
     check_tensors(model.expected_tensors(), tensors, str(path))

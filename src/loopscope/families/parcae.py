@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loopscope.checkpoint import CheckpointError, check_tensors
+from loopscope.checkpoint import CheckpointError, check_tensors, read_tensors, weight_files
 from loopscope.families.base import FamilyMeta, InitState, LoopedLM, LoopLayer
-from loopscope.families.raven import RavenRMSNorm, RavenRope, RopeSpec, _read_tensors, _weight_files
+from loopscope.families.raven import RavenRMSNorm, RavenRope, RopeSpec
 from loopscope.nn.layers import Edit, causal_attention_probs
 
 __all__ = [
@@ -709,10 +709,10 @@ def load_parcae(
         config = parcae_config_from_dict(raw, name=raw.get("name") or path.name)
     except ValueError as err:
         raise CheckpointError(f"{config_path}: {err}") from err
-    files = _weight_files(path)
+    files = weight_files(path)
     with torch.device("meta"):
         model = ParcaeLM(config)
-    tensors = _read_tensors(files, dtype, device)
+    tensors = read_tensors(files, dtype, device, exact={ROPE_TABLE})
     table = tensors.pop(ROPE_TABLE, None)
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # tied to transformer.wte.weight

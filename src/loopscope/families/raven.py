@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from loopscope.checkpoint import PICKLE_NAMES, CheckpointError, check_tensors
+from loopscope.checkpoint import CheckpointError, check_tensors, read_tensors, weight_files
 from loopscope.families.base import FamilyMeta, InitState, LoopedLM, LoopLayer
 from loopscope.nn.layers import Edit, causal_attention_probs
 
@@ -557,49 +557,6 @@ class RavenLM(LoopedLM):
 
 
 # --------------------------------------------------------------------------------- loading
-def _weight_files(directory: Path) -> list[Path]:
-    """The checkpoint's safetensors files: those the shard index names, else every one present."""
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted({directory / f for f in weight_map.values()})
-        absent = [f.name for f in files if not f.exists()]
-        if absent:
-            raise CheckpointError(f"{index} names shards that are not there: {', '.join(absent)}")
-        return files
-    files = sorted(f for f in directory.glob("*.safetensors") if f.name != "optimizer.safetensors")
-    if files:
-        return files
-    pickles = sorted(
-        {n for n in PICKLE_NAMES if (directory / n).exists()}
-        | {f.name for pattern in ("*.bin", "*.pt", "*.pth") for f in directory.glob(pattern)}
-    )
-    if pickles:
-        raise CheckpointError(
-            f"{directory} holds only pickle-format weights ({', '.join(pickles)}); loopscope never "
-            "unpickles checkpoints because unpickling can run arbitrary code. Download the "
-            "safetensors files of this model (or convert once with safetensors) and load again"
-        )
-    raise CheckpointError(f"{directory} contains no *.safetensors weights")
-
-
-def _read_tensors(
-    files: Sequence[Path], dtype: torch.dtype, device: str | torch.device
-) -> dict[str, Tensor]:
-    """Every tensor, cast to ``dtype`` one at a time as it is read (never a full fp32 copy)."""
-    tensors: dict[str, Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt", device=str(device)) as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                tensor = handle.get_tensor(key)
-                if key == ROPE_TABLE:  # a view would keep its whole shard mapped and resident
-                    tensor = tensor.clone()
-                elif tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                tensors[key] = tensor
-    return tensors
-
-
 def _tensor_names(files: Sequence[Path]) -> list[str]:
     names: list[str] = []
     for file in files:
@@ -631,7 +588,7 @@ def load_raven(
             f"{config_path} is not a raven config (model_type {raw.get('model_type')!r}, "
             f"architectures {raw.get('architectures')})"
         )
-    files = _weight_files(path)
+    files = weight_files(path)
     chosen = variant or detect_variant(raw, _tensor_names(files))
     try:
         config = raven_config_from_dict(raw, chosen, name=raw.get("name") or path.name)
@@ -639,7 +596,7 @@ def load_raven(
         raise CheckpointError(f"{config_path}: {err}") from err
     with torch.device("meta"):
         model = RavenLM(config)
-    tensors = _read_tensors(files, dtype, device)
+    tensors = read_tensors(files, dtype, device, exact={ROPE_TABLE})
     _drop_converter_leftovers(tensors, config.variant)
     table = tensors.pop(ROPE_TABLE, None)
     if config.tie_embeddings:
