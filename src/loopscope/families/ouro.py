@@ -39,7 +39,7 @@ from loopscope.checkpoint import CheckpointError, check_tensors, read_tensors, w
 from loopscope.engine.sites import Site
 from loopscope.families.base import FamilyMeta, LoopedLM, LoopLayer
 from loopscope.families.raven import ROPE_TABLE, RavenRMSNorm, RavenRope, RopeSpec
-from loopscope.nn.layers import Edit, causal_attention_probs
+from loopscope.nn.layers import Edit, causal_attention
 
 __all__ = [
     "ExitDistribution",
@@ -179,16 +179,7 @@ class OuroAttention(nn.Module):
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = rope.apply(q), rope.apply(k)
-        probs: Tensor | None = None
-        if return_attn:
-            group = self.n_heads // self.n_kv
-            k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-            probs = causal_attention_probs(q, k_full)
-            out = probs.to(v.dtype) @ v_full
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads
-            )
+        out, probs = causal_attention(q, k, v, return_attn)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), probs
 
 

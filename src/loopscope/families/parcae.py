@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from loopscope.checkpoint import CheckpointError, check_tensors, read_tensors, weight_files
 from loopscope.families.base import FamilyMeta, InitState, LoopedLM, LoopLayer
 from loopscope.families.raven import RavenRMSNorm, RavenRope, RopeSpec
-from loopscope.nn.layers import Edit, causal_attention_probs
+from loopscope.nn.layers import Edit, causal_attention
 
 __all__ = [
     "ParcaeConfig",
@@ -334,16 +334,7 @@ class ParcaeAttention(nn.Module):
             q, k = rope.apply(q), rope.apply(k)
         if self.qk_norm:
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
-        probs: Tensor | None = None
-        if return_attn:
-            group = self.n_heads // self.n_kv
-            k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-            probs = causal_attention_probs(q, k_full)
-            out = probs.to(v.dtype) @ v_full
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads
-            )
+        out, probs = causal_attention(q, k, v, return_attn)
         return self.c_proj(out.transpose(1, 2).reshape(b, t, d)), probs
 
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from loopscope.checkpoint import CheckpointError, check_tensors, read_tensors, weight_files
 from loopscope.families.base import FamilyMeta, InitState, LoopedLM, LoopLayer
-from loopscope.nn.layers import Edit, causal_attention_probs
+from loopscope.nn.layers import Edit, causal_attention
 
 RavenVariant = Literal["huginn", "llama", "olmo2"]
 RAVEN_VARIANTS: tuple[RavenVariant, ...] = ("huginn", "llama", "olmo2")
@@ -345,16 +345,7 @@ class RavenAttention(nn.Module):
             q, k = (q + self.qk_bias[0]).to(q.dtype), (k + self.qk_bias[1]).to(q.dtype)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         q, k = rope.apply(q), rope.apply(k)
-        probs: Tensor | None = None
-        if return_attn:
-            group = self.n_heads // self.n_kv
-            k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-            probs = causal_attention_probs(q, k_full)
-            out = probs.to(v.dtype) @ v_full
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads
-            )
+        out, probs = causal_attention(q, k, v, return_attn)
         return self.proj(out.transpose(1, 2).reshape(b, t, -1)), probs
 
 

@@ -81,6 +81,29 @@ def causal_attention_probs(q: Tensor, k: Tensor) -> Tensor:
     return scores.masked_fill(mask, float("-inf")).softmax(dim=-1)
 
 
+def causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, return_attn: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Causal attention over (batch, heads, T, head_dim) queries and (batch, kv_heads, T,
+    head_dim) keys/values (grouped-query when kv_heads < heads). With ``return_attn`` it takes
+    the eager path and also returns the probabilities, else PyTorch's fused kernel.
+
+    Every family's attention goes through here so the eager path means the same everywhere."""
+    probs: Tensor | None = None
+    n_heads, n_kv = q.shape[1], k.shape[1]
+    if return_attn:
+        group = n_heads // n_kv
+        if group > 1:
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        probs = causal_attention_probs(q, k)
+        # 0 · NaN is NaN: without this a diverged later token would poison every earlier one
+        # through the masked (zero-probability) entries of the batched causal product.
+        out = probs.to(v.dtype) @ torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv != n_heads)
+    return out, probs
+
+
 class Attention(nn.Module):
     """Multi-head causal self-attention with rotary positions."""
 
@@ -99,14 +122,7 @@ class Attention(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = rotary.apply(q), rotary.apply(k)
-        probs: Tensor | None = None
-        if return_attn:
-            probs = causal_attention_probs(q, k)
-            # 0 · NaN is NaN: without this a diverged later token would poison every earlier one
-            # through the masked (zero-probability) entries of the batched causal product.
-            out = probs.to(v.dtype) @ torch.where(torch.isfinite(v), v, torch.zeros_like(v))
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out, probs = causal_attention(q, k, v, return_attn)
         return self.proj(out.transpose(1, 2).reshape(b, t, d)), probs
 
 
