@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -398,6 +398,30 @@ def _check_blocks(blocks: Iterable[int], minimum: int) -> tuple[int, ...]:
     return out
 
 
+PresetT = TypeVar("PresetT", "RandomInitPreset", "TrainedPreset")
+
+
+def _narrowed(
+    presets: Mapping[str, PresetT],
+    name: str,
+    seeds: int | None,
+    block_sizes: Sequence[int] | None,
+    norms: Sequence[str] | None,
+    injections: Sequence[str] | None,
+) -> PresetT:
+    """Preset ``name`` with its grid factors narrowed, each narrowing validated."""
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(presets)}")
+    preset = presets[name]
+    return replace(
+        preset,
+        seeds=_check_seeds(preset.seeds if seeds is None else seeds),
+        block_sizes=_check_blocks(block_sizes or preset.block_sizes, 2),
+        norms=_unique(norms or preset.norms, "norm", NORM_SCHEMES),
+        injections=_unique(injections or preset.injections, "injection", INJECTIONS),
+    )
+
+
 def random_init_preset(
     name: str,
     *,
@@ -407,16 +431,7 @@ def random_init_preset(
     injections: Sequence[str] | None = None,
 ) -> RandomInitPreset:
     """A named preset with the grid factors optionally narrowed (validated)."""
-    if name not in RANDOM_INIT_PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(RANDOM_INIT_PRESETS)}")
-    preset = RANDOM_INIT_PRESETS[name]
-    return replace(
-        preset,
-        seeds=_check_seeds(preset.seeds if seeds is None else seeds),
-        block_sizes=_check_blocks(block_sizes or preset.block_sizes, 2),
-        norms=_unique(norms or preset.norms, "norm", NORM_SCHEMES),
-        injections=_unique(injections or preset.injections, "injection", INJECTIONS),
-    )
+    return _narrowed(RANDOM_INIT_PRESETS, name, seeds, block_sizes, norms, injections)
 
 
 @dataclass(frozen=True, order=True)
@@ -1363,16 +1378,7 @@ def trained_preset(
     injections: Sequence[str] | None = None,
 ) -> TrainedPreset:
     """A named trained preset with the grid factors optionally narrowed (validated)."""
-    if name not in TRAINED_PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(TRAINED_PRESETS)}")
-    preset = TRAINED_PRESETS[name]
-    return replace(
-        preset,
-        seeds=_check_seeds(preset.seeds if seeds is None else seeds),
-        block_sizes=_check_blocks(block_sizes or preset.block_sizes, 2),
-        norms=_unique(norms or preset.norms, "norm", NORM_SCHEMES),
-        injections=_unique(injections or preset.injections, "injection", INJECTIONS),
-    )
+    return _narrowed(TRAINED_PRESETS, name, seeds, block_sizes, norms, injections)
 
 
 @dataclass(frozen=True)
