@@ -151,10 +151,21 @@ def test_bad_inputs_get_clear_errors(model: LoopLM, tmp_path: Path) -> None:
         TraceStore(tmp_path)
 
 
-def test_positions_and_layers_selection(model: LoopLM, tmp_path: Path) -> None:
+def test_positions_layers_and_recurrences_selection(model: LoopLM, tmp_path: Path) -> None:
     settings = TraceSettings(**{**SETTINGS.__dict__, "positions": "last", "layers": [1]})
     store = trace_prompts(model, _prompts(1), tmp_path / "sel", settings, progress=False)
     assert np.asarray(store.prompt(0).block).shape == (12, 1, 1, 16)
+    every = trace_prompts(model, _prompts(1), tmp_path / "all", SETTINGS, progress=False)
+    kept = TraceSettings(**{**SETTINGS.__dict__, "keep_recurrences": [0, 5, 11]})
+    some = trace_prompts(model, _prompts(1), tmp_path / "some", kept, progress=False)
+    np.testing.assert_array_equal(
+        np.asarray(some.prompt(0).block), np.asarray(every.prompt(0).block)[[0, 5, 11]]
+    )
+    metrics = json.loads(report(some.path, tmp_path / "some-report").metrics_json.read_text())
+    assert len(metrics["dynamics"]["successive_difference"]["relative"]) == 11  # online: all
+    with pytest.raises(TraceError, match="outside 0..11"):
+        bad = TraceSettings(**{**SETTINGS.__dict__, "keep_recurrences": [12]})
+        trace_prompts(model, _prompts(1), tmp_path / "bad", bad, progress=False)
 
 
 def test_report_from_trace_has_verdict_rows_and_metrics(model: LoopLM, tmp_path: Path) -> None:
@@ -214,3 +225,15 @@ def _last_recurrence_states(model: LoopLM, ids: torch.Tensor, recurrences: int) 
     probe = CaptureProbe(recurrences=[recurrences - 1])
     model(ids, recurrences=recurrences, probes=[probe])
     return probe.stage_array("block")[0]
+
+
+def test_lean_trace_still_gets_a_report(model: LoopLM, tmp_path: Path) -> None:
+    lean_settings = TraceSettings(**{**SETTINGS.__dict__, "capture": "summary"})
+    store = trace_prompts(model, _prompts(2), tmp_path / "lean", lean_settings, progress=False)
+    paths = report(store.path, tmp_path / "lean-report")
+    metrics = json.loads(paths.metrics_json.read_text())["dynamics"]
+    assert metrics["capture"] == "summary"
+    assert len(metrics["fixed_point"]["relative"]) == 12
+    assert len(metrics["successive_difference"]["relative"]) == 11
+    html = paths.html.read_text()
+    assert "block layer 1" in html and "needs stored states" in html

@@ -18,12 +18,16 @@ def _settings(args: argparse.Namespace) -> TraceSettings:
                 f"--positions must be 'all', 'last' or comma-separated ints, got {args.positions!r}"
             ) from None
     layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
+    kept = None
+    if args.keep_recurrences is not None:
+        kept = [int(x) for x in args.keep_recurrences.split(",")]
     return TraceSettings(
         recurrences=args.recurrences,
         init_state=args.init_state,
         seed=args.seed,
         positions=positions,
         layers=layers,
+        keep_recurrences=kept,
         capture=args.capture,
         attention=not args.no_attention,
         stability_prompts=args.stability_prompts,
@@ -41,6 +45,10 @@ def _add_trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--positions", default="all", help="all | last | comma-separated indices")
     p.add_argument("--layers", help="block layers to keep, comma-separated (default all)")
+    p.add_argument(
+        "--keep-recurrences",
+        help="recurrences whose states are stored, comma-separated (default all)",
+    )
     p.add_argument("--capture", choices=["full", "summary"], default="full")
     p.add_argument("--no-attention", action="store_true")
     p.add_argument("--stability-prompts", type=int, default=2)

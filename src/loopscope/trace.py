@@ -62,7 +62,9 @@ class TraceError(ValueError):
 @dataclass(frozen=True)
 class TraceSettings:
     """What to run and what to keep. ``positions``: "all", "last" or explicit indices;
-    ``layers``: block layers to keep (None = all); ``capture``: "full" writes states,
+    ``layers``: block layers to keep (None = all); ``keep_recurrences``: recurrences whose
+    states are stored (None = all; the online reductions still cover every recurrence, and the
+    report then uses them); ``capture``: "full" writes states,
     "summary" keeps only online reductions (then a second pass measures distances to the
     fixed point). Attention is kept for the first ``attention_recurrences`` recurrences and the
     last one. ``fixed_point``: the reference X* the distances are measured against — the state
@@ -74,6 +76,7 @@ class TraceSettings:
     seed: int = 0
     positions: str | list[int] = "all"
     layers: list[int] | None = None
+    keep_recurrences: list[int] | None = None
     capture: str = "full"
     attention: bool = True
     attention_recurrences: int = 16
@@ -89,6 +92,12 @@ class TraceSettings:
         if self.recurrences < 2:
             raise TraceError("recurrences must be ≥ 2 to measure any dynamics")
         k = model.meta.block_layers
+        late = [r for r in self.keep_recurrences or [] if not 0 <= r < self.recurrences]
+        if late:
+            raise TraceError(
+                f"recurrences to keep {late} lie outside 0..{self.recurrences - 1}; pass "
+                "indices below --recurrences"
+            )
         bad = [layer for layer in self.layers or [] if not 0 <= layer < k]
         if bad:
             raise TraceError(
@@ -295,6 +304,7 @@ def _trace_one(
         capture = CaptureProbe(
             positions=keep,
             layers=settings.layers,
+            recurrences=settings.keep_recurrences,
             attention=settings.attention,
             attention_recurrences=_attention_kept(settings),
             dtype=torch.float16 if settings.state_dtype == "float16" else torch.float32,
@@ -338,6 +348,8 @@ def _trace_one(
     if capture is not None:
         for stage in ("prelude", "block", "coda"):
             np.save(chunk / f"{stage}.npy", capture.stage_array(stage))
+        if settings.keep_recurrences is not None:
+            np.save(chunk / "block_recurrences.npy", np.asarray(sorted(settings.keep_recurrences)))
         attn = capture.attention_array()
         if attn is not None:
             np.save(chunk / "attn.npy", attn)
@@ -489,6 +501,7 @@ def attention_bound_terms(
         or block.ndim != 4
         or settings.layers is not None
         or settings.positions != "all"
+        or settings.keep_recurrences is not None
     ):
         return None
     steps = [r for r in range(1, len(kept)) if kept[r] == kept[r - 1] + 1]

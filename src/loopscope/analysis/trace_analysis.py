@@ -220,6 +220,9 @@ def analyse_dynamics(store: TraceStore, thresholds: Thresholds | None = None) ->
     prompts = list(store)
     if not prompts:
         raise ValueError(f"{store.path} holds no finished prompt; run `loopscope trace` first")
+    partial = any(p.block is None or p.array("block_recurrences") is not None for p in prompts)
+    if partial:
+        return analyse_summaries(store, prompts, th)
     per = [_analyse_prompt(p, th) for p in prompts]
     meta = store.meta
     n_layers = meta["block_layers"]
@@ -498,6 +501,113 @@ def _sections(
             else [],
         ),
     ]
+
+
+def analyse_summaries(
+    store: TraceStore, prompts: list[PromptTrace], th: Thresholds
+) -> DynamicsAnalysis:
+    """The measurements a lean trace (``--capture summary``: online reductions only) supports:
+    successive differences, distances to the fixed point, the stability certificate. Cycles,
+    trajectories and limiting behaviour need stored states and are left out, and say so."""
+    summaries = [p.summary for p in prompts]
+    meta = store.meta
+    n_layers = int(meta["block_layers"])
+    train_r = int(meta["train_recurrences"])
+    step_rel = _nanmean([s["step_relative"][1:] for s in summaries])
+    step_cos = _nanmean([s["step_cosine"][1:] for s in summaries])
+    have_ref = all("ref_relative" in s for s in summaries)
+    fp_rel = _nanmean([s["ref_relative"] for s in summaries]) if have_ref else None
+    fp_cos = _nanmean([s["ref_cosine"] for s in summaries]) if have_ref else None
+    stability = _stability(store)
+    divergent = int(sum(int(np.asarray(s["divergent"]).sum()) for s in summaries))
+    rows: list[list[Any]] = []
+    converged_at: list[int | None] = []
+    for j in range(n_layers):
+        final_step = float(step_rel[-1, j])
+        settled = bool(np.isfinite(final_step) and final_step <= th.settled_step)
+        conv = None
+        if settled and fp_rel is not None:
+            conv = dyn.convergence_recurrence(fp_rel[:, j], th.converged_relative)
+        converged_at.append(conv)
+        radius = stability["layer_radius"][j] if stability else None
+        rows.append(
+            [
+                f"block layer {j}",
+                f"yes, from r={conv}" if conv is not None else f"no (last step {final_step:.1e})",
+                "— (needs stored states)",
+                "— (needs stored attention)",
+                _verdict_word(radius),
+                "— (needs stored states)",
+            ]
+        )
+    if stability:
+        rows.append(["whole block", "—", "—", "—", _verdict_word(stability["block_radius"]), "—"])
+    verdict = Table(
+        title="Verdict per block layer",
+        columns=[
+            "layer",
+            "converged",
+            "fixed point",
+            "attention stabilised",
+            "spectral radius",
+            "fixed point / orbit / slider / unknown",
+        ],
+        rows=rows,
+        note=(
+            "Lean trace (online reductions only): cycles, attention stabilisation and limiting "
+            "behaviour need `--capture full`. converged: relative distance to the fixed point "
+            f"≤ {th.converged_relative} from that recurrence on and last relative step ≤ "
+            f"{th.settled_step}."
+        ),
+    )
+    diffs = dyn.SuccessiveDifferences(
+        norm=step_rel, relative=step_rel, cosine=step_cos, divergent=np.zeros(0, bool)
+    )
+    sections = [
+        Section(
+            "Successive differences",
+            text=f"Online reductions over {len(prompts)} prompts (lean trace).",
+            figures=[
+                Figure(
+                    "successive_differences",
+                    "Relative step and step cosine per layer.",
+                    figs.plot_successive_differences(diffs, train_recurrences=train_r),
+                )
+            ],
+        )
+    ]
+    if fp_rel is not None and fp_cos is not None:
+        fixed = dyn.FixedPointDistances(
+            distance=fp_rel, relative=fp_rel, cosine=fp_cos, divergent=np.zeros(0, bool)
+        )
+        sections.append(
+            Section(
+                "Approximate fixed point",
+                text="Measured online in a second pass against the reference fixed point.",
+                figures=[
+                    Figure(
+                        "fixed_point",
+                        "Distance and cosine to the fixed point.",
+                        figs.plot_fixed_point_distances(fixed, train_recurrences=train_r),
+                    )
+                ],
+            )
+        )
+    metrics: dict[str, Any] = {
+        "prompts": len(prompts),
+        "capture": "summary",
+        "recurrences": int(store.settings["recurrences"]),
+        "train_recurrences": train_r,
+        "divergent_tokens": divergent,
+        "successive_difference": {"relative": step_rel, "cosine": step_cos},
+        "fixed_point": {"relative": fp_rel, "cosine": fp_cos, "converged_at": converged_at},
+        "stability": stability,
+        "extrapolation": dyn.extrapolation_summary(
+            np.nanmean(step_rel, axis=1), train_r, first_recurrence=1
+        ),
+        "thresholds": th.__dict__,
+    }
+    return DynamicsAnalysis(metrics=metrics, verdict=verdict, sections=sections)
 
 
 def _degeneracy_words(metrics: dict[str, Any]) -> str:
