@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from loopscope.trace import TraceSettings, TraceStore
 
@@ -35,6 +36,22 @@ def _settings(args: argparse.Namespace) -> TraceSettings:
     )
 
 
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--loop A:B`` and ``--injection`` for retrofitting a Hugging Face decoder."""
+    options: dict[str, Any] = {}
+    if args.loop is not None:
+        try:
+            start, stop = (int(x) for x in args.loop.split(":"))
+        except ValueError:
+            raise ValueError(
+                f"--loop must look like A:B (layers A..B-1), got {args.loop!r}"
+            ) from None
+        options["loop"] = (start, stop)
+    if args.injection is not None:
+        options["injection"] = args.injection
+    return options
+
+
 def _add_trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="'demo', 'demo-feedforward' or a checkpoint directory")
     p.add_argument("--prompts", required=True, help="GSM8K/HellaSwag JSONL or a .txt file")
@@ -57,6 +74,14 @@ def _add_trace_options(p: argparse.ArgumentParser) -> None:
         choices=["last", "anderson"],
         default="last",
         help="reference X*: the last recurrence's state, or solved by Anderson acceleration",
+    )
+    p.add_argument(
+        "--loop", help="Hugging Face decoders: loop layers A..B-1, written A:B (default: none)"
+    )
+    p.add_argument(
+        "--injection",
+        choices=["none", "add", "concat-linear"],
+        help="Hugging Face decoders with --loop: how the prelude output enters each recurrence",
     )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
@@ -84,7 +109,10 @@ def _run_trace(args: argparse.Namespace, out: str | Path) -> TraceStore:
             _settings(args),
             limit=args.limit,
             progress=not args.no_progress,
+            load_options=_load_options(args),
         )
+    if _load_options(args):
+        raise ValueError("--loop and --injection are not supported with --ray yet; drop --ray")
     from loopscope.distributed import trace_distributed
     from loopscope.pipeline import prompt_inputs
     from loopscope.tokenizers import tokenizer_for

@@ -17,12 +17,13 @@ from loopscope.tokenizers import PromptTokenizer, byte_tokenizer, tokenizer_for
 from loopscope.trace import PromptInput, TraceSettings, TraceStore, trace_prompts
 
 
-def resolve_model(source: str | LoopedLM) -> LoopedLM:
+def resolve_model(source: str | LoopedLM, **load_options: Any) -> LoopedLM:
+    """A loaded model as is, else ``loopscope.load(source, **load_options)``."""
     if isinstance(source, LoopedLM):
         return source
     import loopscope
 
-    model: LoopedLM = loopscope.load(source)
+    model: LoopedLM = loopscope.load(source, **load_options)
     return model
 
 
@@ -48,9 +49,11 @@ def trace(
     *,
     limit: int | None = None,
     progress: bool = True,
+    load_options: dict[str, Any] | None = None,
 ) -> TraceStore:
-    """Trace ``prompts`` through ``model`` into ``out_dir`` (resumable)."""
-    resolved = resolve_model(model)
+    """Trace ``prompts`` through ``model`` into ``out_dir`` (resumable). ``load_options`` go
+    to :func:`loopscope.load` (e.g. ``loop=(a, b)`` for a Hugging Face decoder)."""
+    resolved = resolve_model(model, **(load_options or {}))
     tokenizer = byte_tokenizer() if isinstance(model, LoopedLM) else tokenizer_for(model)
     inputs = (
         prompts
