@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from loopscope.analysis.fixed_point import block_map, solve_fixed_point
+from loopscope.analysis.fixed_point import block_map, krylov_bound, solve_fixed_point
 from loopscope.families.looplm import LoopConfig, LoopLM
 from loopscope.nn.injection import InjectionKind
 from loopscope.nn.layers import NormScheme
@@ -176,3 +177,75 @@ def test_bad_options_and_shapes_get_clear_errors() -> None:
         solve_fixed_point(lambda z: z[:2], z0)
     with pytest.raises(ValueError, match="batch dimension"):
         block_map(tiny_model("add"), torch.zeros(1, 2, 3, dtype=torch.long))
+
+
+def affine(
+    a: torch.Tensor, b: torch.Tensor
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """F(z) = A z + b and its exact fixed point (I − A)⁻¹ b."""
+    exact = torch.linalg.solve(torch.eye(len(b), dtype=F64) - a, b)
+    return (lambda z: a @ z + b), exact
+
+
+@pytest.mark.parametrize("eigs", [[0.9], [0.9, 0.5], [0.95, 0.3, -0.4]])
+def test_krylov_bound_is_one_plus_the_number_of_distinct_eigenvalues(eigs: list[float]) -> None:
+    # GMRES on (I − A) terminates after as many steps as A has distinct eigenvalues.
+    n = 30
+    spectrum = torch.tensor([eigs[i % len(eigs)] for i in range(n)], dtype=F64)
+    f, exact = affine(symmetric(spectrum), rhs(n))
+    bound = krylov_bound(f, torch.zeros(n, dtype=F64), exact, tol=1e-10)
+    assert bound.applications == 1 + len(eigs)
+    assert len(bound.residuals) == bound.applications
+    assert bound.residuals[0] > 1e-10 >= bound.residuals[-1]
+    assert bound.start_mismatch < 1e-12  # an affine map is its own linearisation
+
+
+def test_krylov_bound_for_a_scaled_identity_matches_plain_iteration_analytically() -> None:
+    # J = λI: plain iteration's residual shrinks exactly by λ per step; GMRES needs one step.
+    n, lam, tol = 20, 0.8, 1e-6
+    f, exact = affine(lam * torch.eye(n, dtype=F64), rhs(n))
+    z0 = torch.zeros(n, dtype=F64)
+    bound = krylov_bound(f, z0, exact, tol=tol)
+    assert bound.applications == 2
+    r0 = float(torch.linalg.vector_norm(f(z0) - z0))
+    # Plain stops at the first k with ‖r_k‖/‖F(z_k)‖ = λ^k r0 / ‖F(z_k)‖ ≤ tol.
+    plain = solve_fixed_point(f, z0, method="plain", tol=tol, max_iter=500)
+    k = plain.iterations - 1
+    assert lam**k * r0 <= tol * float(torch.linalg.vector_norm(plain.state)) * (1 + 1e-9)
+    assert lam ** (k - 1) * r0 > tol * float(torch.linalg.vector_norm(exact)) * 0.99
+
+
+def test_no_anderson_setting_beats_the_krylov_bound_on_an_affine_map() -> None:
+    n = 60
+    f, exact = affine(symmetric(torch.linspace(-0.5, 0.97, n), seed=3), rhs(n))
+    z0 = torch.zeros(n, dtype=F64)
+    tol = 1e-8
+    bound = krylov_bound(f, z0, exact, tol=tol)
+    plain = solve_fixed_point(f, z0, method="plain", tol=tol, max_iter=5000)
+    assert bound.applications is not None and bound.applications < plain.iterations
+    for memory in (1, 5, 20, 60):
+        for beta in (0.5, 1.0, 1.5):
+            anderson = solve_fixed_point(f, z0, memory=memory, beta=beta, tol=tol, max_iter=5000)
+            assert anderson.converged
+            # ‖F(z)‖ and ‖z*‖ differ by < tol here, so the two stopping rules agree.
+            assert anderson.iterations >= bound.applications - 1
+
+
+def test_krylov_bound_on_a_block_map_lies_between_one_and_plain_iteration() -> None:
+    f, z0 = block_map(tiny_model("concat-linear"), prompt_ids())
+    tight = solve_fixed_point(f, z0, tol=1e-6, max_iter=400)
+    bound = krylov_bound(f, z0, tight.state, tol=1e-4)
+    plain = solve_fixed_point(f, z0, method="plain", tol=1e-4, max_iter=400)
+    assert bound.applications is not None
+    assert 1 < bound.applications <= plain.iterations
+    assert 0.0 < bound.start_mismatch < math.inf
+
+
+def test_krylov_bound_rejects_bad_arguments() -> None:
+    f, exact = affine(0.5 * torch.eye(3, dtype=F64), rhs(3))
+    with pytest.raises(ValueError, match="tol must be > 0"):
+        krylov_bound(f, torch.zeros(3, dtype=F64), exact, tol=0.0)
+    with pytest.raises(ValueError, match="max_steps"):
+        krylov_bound(f, torch.zeros(3, dtype=F64), exact, max_steps=0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        krylov_bound(f, torch.zeros(4, dtype=F64), exact)

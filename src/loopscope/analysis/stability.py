@@ -74,10 +74,14 @@ def jvp(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor) -> Tensor:
 
 
 def _arnoldi(
-    matvec: Callable[[Tensor], Tensor], v0: Tensor, m: int
+    matvec: Callable[[Tensor], Tensor],
+    v0: Tensor,
+    m: int,
+    stop: Callable[[np.ndarray, int], bool] | None = None,
 ) -> tuple[list[Tensor], np.ndarray, int]:
     """m steps of Arnoldi from unit v0: basis V (≤ m+1 vectors), Hessenberg H (m+1, m) and the
-    number of steps taken (fewer than m when the Krylov space became invariant)."""
+    number of steps taken (fewer than m when the Krylov space became invariant, or when
+    ``stop(H, steps)`` said so after a step: GMRES stops as soon as its residual is small)."""
     basis = [v0]
     hess = np.zeros((m + 1, m))
     floor = 100 * torch.finfo(v0.dtype).eps  # below this the new direction is round-off
@@ -96,6 +100,8 @@ def _arnoldi(
         ):
             return basis, hess, j + 1
         basis.append(w / h)
+        if stop is not None and stop(hess, j + 1):
+            return basis, hess, j + 1
     return basis, hess, m
 
 
