@@ -175,6 +175,13 @@ def stack(scheme: NormScheme, injection: InjectionKind, seed: int) -> LoopLM:
     return LoopLM(config).eval()
 
 
+STACKS: list[tuple[NormScheme, InjectionKind]] = [
+    ("pre", "add"),
+    ("huginn", "add"),
+    ("pre", "concat-linear"),
+]
+
+
 def print_table(rows: list[Row]) -> None:
     table = [HEADER] + [r.cells() for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
@@ -208,6 +215,14 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="bundled prompts for (a)")
     parser.add_argument("--tokens", type=int, default=64, help="random tokens per stack prompt")
     parser.add_argument("--device", default="cpu")
+    names = [f"{scheme}+{injection}" for scheme, injection in STACKS]
+    parser.add_argument(
+        "--stacks",
+        nargs="*",
+        choices=names,
+        default=names,
+        help="stack cases for (b) (pre+add is slow: plain iteration never settles)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -227,11 +242,7 @@ def main() -> None:
 
     print(f"\n(b) random 12-layer stacks, width 128, {args.tokens} random tokens, seeds 0-2")
     rows_b: dict[str, list[Row]] = {}
-    cases: list[tuple[NormScheme, InjectionKind]] = [
-        ("pre", "add"),
-        ("huginn", "add"),
-        ("pre", "concat-linear"),
-    ]
+    cases = [case for case in STACKS if f"{case[0]}+{case[1]}" in args.stacks]
     for scheme, injection in cases:
         key = f"{scheme}+{injection}"
         for seed in range(3):

@@ -183,3 +183,35 @@ def test_errors_name_the_problem(workspace: Path, capsys: pytest.CaptureFixture[
         == 2
     )
     assert "unknown block layer index" in capsys.readouterr().err
+
+
+def test_trace_solves_the_reference_with_the_chosen_anderson_settings(
+    workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = [
+        "trace",
+        str(workspace / "looped"),
+        "--prompts",
+        str(workspace / "prompts.jsonl"),
+        "--recurrences",
+        "4",
+        "--limit",
+        "1",
+        "--no-progress",
+        "--stability-prompts",
+        "0",
+        "--capture",
+        "summary",
+        "--fixed-point",
+        "anderson",
+    ]
+    out = workspace / "aa-trace"
+    tuned = ["--anderson-memory", "20", "--anderson-beta", "2", "--fixed-point-tol", "1e-4"]
+    assert main([*base, "--out", str(out), *tuned]) == 0
+    info = json.loads(next(out.rglob("fixed_point.json")).read_text())
+    assert (info["memory"], info["beta"]) == (20, 2.0)
+    assert info["converged"] and info["relative_residual"] <= 1e-4
+    assert main([*base, "--out", str(workspace / "aa-bad"), "--anderson-beta", "0"]) == 2
+    assert "fixed_point_beta" in capsys.readouterr().err
+    assert main([*base, "--out", str(workspace / "aa-bad2"), "--anderson-memory", "0"]) == 2
+    assert "fixed_point_memory" in capsys.readouterr().err

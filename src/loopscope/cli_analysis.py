@@ -33,6 +33,9 @@ def _settings(args: argparse.Namespace) -> TraceSettings:
         attention=not args.no_attention,
         stability_prompts=args.stability_prompts,
         fixed_point=args.fixed_point,
+        fixed_point_tol=args.fixed_point_tol,
+        fixed_point_memory=args.anderson_memory,
+        fixed_point_beta=args.anderson_beta,
     )
 
 
@@ -74,6 +77,25 @@ def _add_trace_options(p: argparse.ArgumentParser) -> None:
         choices=["last", "anderson"],
         default="last",
         help="reference X*: the last recurrence's state, or solved by Anderson acceleration",
+    )
+    p.add_argument(
+        "--fixed-point-tol",
+        type=float,
+        default=1e-5,
+        help="with --fixed-point anderson: stop at relative residual ‖F(z)−z‖/‖F(z)‖ ≤ this",
+    )
+    p.add_argument(
+        "--anderson-memory",
+        type=int,
+        default=5,
+        help="with --fixed-point anderson: past steps mixed (20 suits slowly contracting maps)",
+    )
+    p.add_argument(
+        "--anderson-beta",
+        type=float,
+        default=1.0,
+        help="with --fixed-point anderson: relaxation of each step (2 suits slowly contracting "
+        "pre-norm maps; 1 is safer for sandwich and Ouro norms)",
     )
     p.add_argument(
         "--loop", help="Hugging Face decoders: loop layers A..B-1, written A:B (default: none)"
