@@ -249,3 +249,23 @@ def test_krylov_bound_rejects_bad_arguments() -> None:
         krylov_bound(f, torch.zeros(3, dtype=F64), exact, max_steps=0)
     with pytest.raises(ValueError, match="differ in shape"):
         krylov_bound(f, torch.zeros(4, dtype=F64), exact)
+
+
+def test_solver_convergence_figure_draws_every_solver_and_the_tolerance() -> None:
+    from loopscope.analysis.figures_dynamics import plot_solver_convergence
+
+    n = 20
+    f, exact = affine(symmetric(torch.linspace(0.0, 0.9, n)), rhs(n))
+    z0 = torch.zeros(n, dtype=F64)
+    curves = {
+        "plain": solve_fixed_point(f, z0, method="plain", tol=1e-6, max_iter=500).residuals,
+        "anderson": solve_fixed_point(f, z0, tol=1e-6, max_iter=500).residuals,
+        "bound": krylov_bound(f, z0, exact, tol=1e-6).residuals,
+    }
+    fig = plot_solver_convergence({"affine": curves, "again": curves}, tol=1e-6)
+    assert len(fig.axes) == 2
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == [*curves, "tol 1e-06"]
+    assert ax.get_yscale() == "log" and ax.get_title() == "affine"
+    plain_line = ax.get_lines()[0]
+    assert len(plain_line.get_xdata()) == len(curves["plain"])

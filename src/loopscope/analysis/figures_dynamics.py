@@ -31,6 +31,7 @@ __all__ = [
     "plot_fixed_point_distances",
     "plot_limiting_behaviour",
     "plot_pca_trajectory",
+    "plot_solver_convergence",
     "plot_successive_differences",
 ]
 
@@ -315,4 +316,26 @@ def plot_bound_check(
     ax_r.legend(fontsize="small")
     ax_r.grid(alpha=0.3)
     fig.suptitle(title)
+    return fig
+
+
+def plot_solver_convergence(
+    panels: Mapping[str, Mapping[str, Sequence[float]]], *, tol: float, title: str | None = None
+) -> Figure:
+    """Relative residual against block applications, one panel per case and one line per
+    solver (e.g. plain, Anderson settings and the Krylov bound), with ``tol`` dashed: where
+    the lines cross it is the benchmark's count, and their slopes show why."""
+    fig, axes = _figure(max(1, len(panels)), width=4.5)
+    for ax, (case, curves) in zip(axes, panels.items(), strict=False):
+        for solver, residuals in curves.items():
+            values = np.asarray(residuals, dtype=np.float64)
+            ax.plot(np.arange(1, len(values) + 1), values, marker=".", ms=3, label=solver)
+        ax.axhline(tol, color="k", ls="--", lw=1, label=f"tol {tol:g}")
+        _log_y_if_positive(ax, *[np.asarray(c, dtype=np.float64) for c in curves.values()])
+        ax.set_xlabel("block applications")
+        ax.set_ylabel("‖F(z) − z‖ / ‖F(z)‖")
+        ax.set_title(case)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title or "Fixed-point solves: residual per block application")
     return fig
