@@ -324,3 +324,21 @@ def test_cli_runs_a_narrowed_random_init_sweep(
     assert code == 0
     assert "1 cells, 1 computed" in capsys.readouterr().out
     assert ablate_main(["ablate", "random-init", "--out", str(tmp_path), "--seeds", "0"]) == 2
+
+
+def test_cli_random_init_takes_the_adapter_init_noise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "ablate", "random-init", "--out", str(tmp_path), "--norms", "pre",
+        "--injections", "concat-linear", "--block-sizes", "2", "--seeds", "1", "--no-progress",
+    ]  # fmt: skip
+    assert ablate_main([*args, "--adapter-init-noise", "0"]) == 0
+    header = json.loads((tmp_path / "sweep.json").read_text())
+    assert header["adapter_init_noise"] == 0.0
+    capsys.readouterr()
+    # Another init is another measurement: the directory refuses it instead of mixing cells.
+    assert ablate_main(args) == 2
+    assert "adapter_init_noise" in capsys.readouterr().err
+    assert ablate_main([*args, "--adapter-init-noise", "-0.1"]) == 2
+    assert "standard deviation" in capsys.readouterr().err

@@ -223,3 +223,29 @@ def test_registry_has_the_study_models() -> None:
     ) == (512, 4, 2, 12, 2, 4)
     with pytest.raises(KeyError, match="known configs"):
         get_config("nope")
+
+
+def test_adapter_init_noise_sets_the_start_of_a_concat_linear_adapter() -> None:
+    base = LoopConfig(name="adapter", d_model=256, n_heads=4, injection="concat-linear")
+    d = base.d_model
+
+    def z_half(noise: float) -> torch.Tensor:
+        model = LoopLM(base.with_(adapter_init_noise=noise))
+        return model.injection.adapter.weight.detach()[:, :d].double()
+
+    exact = z_half(0.0)
+    assert torch.equal(exact, (torch.eye(d) / 2**0.5).double())
+    # Circular law: spectral radius ≈ 1/√2 + σ√d. The default 0.02 expands at width 256,
+    # σ = 0.2/√d contracts; the other weights are drawn alike either way.
+    radius = {
+        noise: float(torch.linalg.eigvals(z_half(noise)).abs().max())
+        for noise in (0.02, 0.2 / d**0.5)
+    }
+    assert radius[0.02] == pytest.approx(2**-0.5 + 0.02 * d**0.5, rel=0.05)
+    assert radius[0.02] > 1.0 > radius[0.2 / d**0.5]
+    noisy = LoopLM(base.with_(adapter_init_noise=0.05)).state_dict()
+    default = LoopLM(base).state_dict()
+    same = [k for k in default if "adapter" not in k]
+    assert all(torch.equal(noisy[k], default[k]) for k in same)
+    with pytest.raises(ValueError, match="adapter_init_noise"):
+        base.with_(adapter_init_noise=-1.0)

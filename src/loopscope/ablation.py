@@ -334,6 +334,7 @@ class RandomInitPreset:
     mlp_ratio: float = 4.0
     dtype: str = "float32"
     residual_scale: float = 1.0
+    adapter_init_noise: float = 0.02  # LoopConfig.adapter_init_noise: σ on the (Z+X)/√2 start
     rule: VerdictRule = field(default_factory=VerdictRule)
 
     def measurement(self) -> dict[str, Any]:
@@ -474,6 +475,7 @@ def cell_config(cell: Cell, preset: RandomInitPreset) -> LoopConfig:
         residual_scale=preset.residual_scale,
         context_length=max(384, preset.prompt_tokens),
         init_seed=cell.seed,
+        adapter_init_noise=preset.adapter_init_noise,
     )
 
 

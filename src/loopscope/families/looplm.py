@@ -39,7 +39,10 @@ from loopscope.nn.layers import (
 @dataclass(frozen=True)
 class LoopConfig:
     """Architecture of a LoopLM. ``train_recurrences`` is the recurrence count it was trained
-    with (the default at inference)."""
+    with (the default at inference). ``adapter_init_noise``: the standard deviation σ of the
+    noise on a concat-linear adapter's (Z + X)/√2 start. Its Z half then has spectral radius
+    ≈ 1/√2 + σ√d (circular law), so the default 0.02 contracts only below width ≈ 215; choose
+    σ = c/√d (c < 0.29) for a start that contracts alike at every width."""
 
     name: str = "custom"
     vocab_size: int = 259
@@ -63,6 +66,7 @@ class LoopConfig:
     recurrence_norm: bool | None = None
     norm_eps: float = 1e-6
     init_seed: int = 0
+    adapter_init_noise: float = 0.02
 
     def __post_init__(self) -> None:
         checks = [
@@ -72,6 +76,7 @@ class LoopConfig:
             (self.block_layers >= 1, "block_layers must be ≥ 1"),
             (self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"),
             ((self.d_model // self.n_heads) % 2 == 0, "head size d_model/n_heads must be even"),
+            (self.adapter_init_noise >= 0, "adapter_init_noise (a standard deviation) must be ≥ 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -180,6 +185,8 @@ class LoopLM(LoopedLM):
                         param.fill_(1.0)
                     continue
                 std = out_std if name.endswith(("proj.weight", "down.weight")) else 0.02
+                if name.endswith("adapter.weight"):
+                    std = self.config.adapter_init_noise
                 noise = torch.randn(param.shape, generator=generator) * std
                 if name.endswith("adapter.weight"):
                     d = self.config.d_model
