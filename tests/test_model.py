@@ -249,3 +249,27 @@ def test_adapter_init_noise_sets_the_start_of_a_concat_linear_adapter() -> None:
     assert all(torch.equal(noisy[k], default[k]) for k in same)
     with pytest.raises(ValueError, match="adapter_init_noise"):
         base.with_(adapter_init_noise=-1.0)
+
+
+@pytest.mark.parametrize("loader", ["load", "looplm", "raven", "ouro", "parcae", "hf"])
+def test_a_malformed_config_json_names_the_file_and_line(tmp_path: Path, loader: str) -> None:
+    import loopscope
+    from loopscope.families.hf import load_hf
+    from loopscope.families.ouro import load_ouro
+    from loopscope.families.parcae import load_parcae
+    from loopscope.families.raven import load_raven
+
+    loaders = {
+        "load": loopscope.load,
+        "looplm": load_looplm,
+        "raven": load_raven,
+        "ouro": load_ouro,
+        "parcae": load_parcae,
+        "hf": load_hf,
+    }
+    (tmp_path / "config.json").write_text('{\n  "model_type": "llama",\n  "hidden_size": ,\n}\n')
+    with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON \(line 3"):
+        loaders[loader](tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="must hold a JSON object"):
+        loaders[loader](tmp_path)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +45,20 @@ def load(source: str | Path, *, dtype: Any = None, device: str = "cpu", **kwargs
     and ``recurrences`` for a retrofitted Hugging Face decoder)."""
     import torch
 
-    from loopscope.checkpoint import BUNDLED, CheckpointError, bundled_model_dir, load_looplm
+    from loopscope.checkpoint import (
+        BUNDLED,
+        CheckpointError,
+        bundled_model_dir,
+        load_looplm,
+        read_config,
+    )
 
     dtype = dtype or torch.float32
     name = str(source)
     if name in BUNDLED:
         return load_looplm(bundled_model_dir(name), dtype=dtype, device=device)
     directory = _directory_of(name)
-    config_path = directory / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{directory} has no config.json; is it a model checkpoint?")
-    config = json.loads(config_path.read_text())
+    config_path, config = read_config(directory, "a model")
     from loopscope.families.raven import is_raven_config, load_raven
 
     if is_raven_config(config):

@@ -7,6 +7,7 @@ import json
 from collections.abc import Collection, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -24,6 +25,29 @@ BUNDLED = {
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked, with what to do about it."""
+
+
+def read_config(directory: str | Path, what: str) -> tuple[Path, dict[str, Any]]:
+    """``directory/config.json`` parsed: (its path, its object). Every loader starts here, so
+    a missing, malformed or non-object config.json gets one clear error naming the file;
+    ``what`` completes "is this ... checkpoint directory?" (e.g. "a raven")."""
+    config_path = Path(directory) / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(
+            f"{Path(directory)} has no config.json; is this {what} checkpoint directory?"
+        )
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            f"{config_path} is not valid JSON (line {err.lineno}, column {err.colno}: "
+            f"{err.msg}); repair it or copy the checkpoint's config.json again"
+        ) from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(
+            f"{config_path} must hold a JSON object of config fields, got {type(raw).__name__}"
+        )
+    return config_path, raw
 
 
 def bundled_model_dir(name: str) -> Path:
@@ -125,11 +149,9 @@ def load_looplm(
 ) -> LoopLM:
     """Load one of our checkpoints (``config.json`` + ``model.safetensors``)."""
     path = Path(directory)
-    config_path = path / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{path} has no config.json; is this a loopscope checkpoint?")
+    config_path, raw = read_config(path, "a loopscope")
     try:
-        config = LoopConfig.from_dict(json.loads(config_path.read_text()))
+        config = LoopConfig.from_dict(raw)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{config_path}: {err}") from err
     model = LoopLM(config)

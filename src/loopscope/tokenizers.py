@@ -4,7 +4,6 @@ published ones. The name and whether a BOS token was prepended go into the trace
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +28,11 @@ def byte_tokenizer() -> PromptTokenizer:
 
 
 def _is_looplm_dir(directory: Path) -> bool:
-    config = directory / "config.json"
-    if not config.exists():
+    from loopscope.checkpoint import read_config
+
+    if not (directory / "config.json").exists():
         return False
-    data = json.loads(config.read_text())
+    _, data = read_config(directory, "a model")
     return "block_layers" in data and "norm_scheme" in data
 
 

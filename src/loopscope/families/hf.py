@@ -20,7 +20,6 @@ hooks; Inkling-2 layers take no edits.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
-from loopscope.checkpoint import PICKLE_NAMES, CheckpointError
+from loopscope.checkpoint import PICKLE_NAMES, CheckpointError, read_config
 from loopscope.families.base import INIT_STATES, FamilyMeta, InitState, LoopedLM, LoopLayer
 from loopscope.nn.injection import AddInjection, ConcatLinearInjection, NoInjection
 from loopscope.nn.layers import Edit
@@ -701,10 +700,7 @@ def load_hf(
     all layers, one pass); Inkling-2 loop checkpoints keep their own loop. The tokenizer, when
     the directory has one, is attached as ``model.tokenizer``."""
     directory = resolve_hf_directory(path_or_id)
-    config_path = directory / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face model?")
-    raw = json.loads(config_path.read_text())
+    config_path, raw = read_config(directory, "a Hugging Face model")
     if not is_hf_decoder_config(raw):
         raise CheckpointError(
             f"{config_path}: model_type {raw.get('model_type')!r} is not a supported Hugging "

@@ -25,7 +25,6 @@ the modeling code shipped with the checkpoint is never run.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loopscope.checkpoint import CheckpointError, check_tensors, read_tensors, weight_files
+from loopscope.checkpoint import (
+    CheckpointError,
+    check_tensors,
+    read_config,
+    read_tensors,
+    weight_files,
+)
 from loopscope.engine.sites import Site
 from loopscope.families.base import FamilyMeta, LoopedLM, LoopLayer
 from loopscope.families.raven import ROPE_TABLE, RavenRMSNorm, RavenRope, RopeSpec
@@ -457,10 +462,7 @@ def load_ouro(
     Errors name every missing, unexpected or mis-shaped tensor; pickle-only checkpoints are
     refused. The model is built on the meta device and takes the tensors as its parameters."""
     path = Path(directory)
-    config_path = path / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{path} has no config.json; is this an Ouro checkpoint directory?")
-    raw = json.loads(config_path.read_text())
+    config_path, raw = read_config(path, "an Ouro")
     if not is_ouro_config(raw):
         raise CheckpointError(
             f"{config_path} is not an Ouro config (model_type {raw.get('model_type')!r}, "

@@ -30,7 +30,6 @@ tensor names follow their module tree (``transformer.wte``, ``transformer.prelud
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loopscope.checkpoint import CheckpointError, check_tensors, read_tensors, weight_files
+from loopscope.checkpoint import (
+    CheckpointError,
+    check_tensors,
+    read_config,
+    read_tensors,
+    weight_files,
+)
 from loopscope.families.base import FamilyMeta, InitState, LoopedLM, LoopLayer
 from loopscope.families.raven import RavenRMSNorm, RavenRope, RopeSpec
 from loopscope.nn.layers import Edit, causal_attention
@@ -690,10 +695,7 @@ def load_parcae(
     does; errors name every missing, unexpected or mis-shaped tensor; pickle-only checkpoints
     (the form the authors publish) are refused with the conversion to do."""
     path = Path(directory)
-    config_path = path / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{path} has no config.json; is this a Parcae checkpoint?")
-    raw = json.loads(config_path.read_text())
+    config_path, raw = read_config(path, "a Parcae")
     if not is_parcae_config(raw):
         raise CheckpointError(f"{config_path} is not a Parcae config (no _class_name ParcaeConfig)")
     try:

@@ -23,7 +23,6 @@ embeddings. Weights are read from safetensors only, never with code shipped besi
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from loopscope.checkpoint import CheckpointError, check_tensors, read_tensors, weight_files
+from loopscope.checkpoint import (
+    CheckpointError,
+    check_tensors,
+    read_config,
+    read_tensors,
+    weight_files,
+)
 from loopscope.families.base import FamilyMeta, InitState, LoopedLM, LoopLayer
 from loopscope.nn.layers import Edit, causal_attention
 
@@ -570,10 +575,7 @@ def load_raven(
     ``dtype`` only.
     """
     path = Path(directory)
-    config_path = path / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{path} has no config.json; is this a raven checkpoint directory?")
-    raw = json.loads(config_path.read_text())
+    config_path, raw = read_config(path, "a raven")
     if not is_raven_config(raw):
         raise CheckpointError(
             f"{config_path} is not a raven config (model_type {raw.get('model_type')!r}, "
