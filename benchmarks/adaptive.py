@@ -2,7 +2,7 @@
 
     python benchmarks/adaptive.py [--model DIR] [--recurrences 64] [--out DIR] [--device cpu]
 
-Runs the demo model (bundled weights; else ``--model``; else a fresh LoopLM of the demo config,
+Runs ``--model`` if given, else the bundled demo (else a fresh LoopLM of the demo config,
 said so in the output) over the bundled prompts for 64 recurrences, sweeps every exit criterion
 over its default thresholds and prints, per criterion, the largest fraction of recurrences saved
 by a threshold that keeps ≥ 99% top-1 agreement, next to the oracle (exit each token as soon as
@@ -17,32 +17,15 @@ import time
 from pathlib import Path
 
 import torch
+from _demo import PROMPTS, demo_model
 
-import loopscope
 from loopscope.adaptive import adaptive_depth_sweep, plot_adaptive, recurrences_saved_at
-from loopscope.checkpoint import CheckpointError, load_looplm
 from loopscope.data import ByteTokenizer, load_prompts
-from loopscope.families.looplm import LoopLM
-from loopscope.registry import get_config
-
-PROMPTS = Path(__file__).resolve().parents[1] / "src/loopscope/assets/prompts/demo.jsonl"
-
-
-def load_demo(model_path: str | None, device: str) -> tuple[LoopLM, str]:
-    """The bundled demo, else ``--model``, else a fresh init of its config (and which)."""
-    try:
-        return loopscope.load("demo", device=device), "bundled demo weights"
-    except CheckpointError:
-        pass
-    if model_path:
-        return load_looplm(model_path, device=device), f"checkpoint {model_path} (no bundled demo)"
-    model = LoopLM(get_config("demo-looped").model).to(device).eval()
-    return model, "FRESH RANDOM INIT of demo-looped (no bundled weights and no --model)"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="checkpoint directory if the bundled demo is missing")
+    parser.add_argument("--model", help="a model to use instead of the bundled demo")
     parser.add_argument("--recurrences", type=int, default=64)
     parser.add_argument("--agreement", type=float, default=0.99)
     parser.add_argument("--out", help="also write adaptive.md / .csv / .png here")
@@ -50,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    model, source = load_demo(args.model, args.device)
+    model, source = demo_model(args.model, args.device)
     tokenizer = ByteTokenizer()
     texts = load_prompts(PROMPTS)
     ids = [torch.tensor(tokenizer.encode(t, bos=True)) for t in texts]

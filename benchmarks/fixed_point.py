@@ -3,8 +3,8 @@
     python benchmarks/fixed_point.py [--model DIR] [--tol 1e-4] [--device cpu]
 
 Measured side by side in one seeded run on
-  (a) the demo model (bundled weights; else ``--model``; else a fresh LoopLM of the demo
-      config, said so in the output), one solve per bundled prompt;
+  (a) ``--model`` if given, else the bundled demo (else a fresh LoopLM of the demo config,
+      said so in the output), one solve per bundled prompt;
   (b) random-init 12-layer stacks, width 128, no prelude/coda, 3 seeds, for the study's
       pre-norm + additive injection and, because that one has no finite fixed point (its
       stream grows linearly), for two bounded-state variants that do have one: Huginn's
@@ -31,12 +31,11 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+from _demo import PROMPTS, demo_model
 from torch import Tensor
 
-import loopscope
 from loopscope.analysis.figures_dynamics import plot_solver_convergence
 from loopscope.analysis.fixed_point import (
     FixedPointResult,
@@ -45,26 +44,10 @@ from loopscope.analysis.fixed_point import (
     krylov_bound,
     solve_fixed_point,
 )
-from loopscope.checkpoint import CheckpointError, load_looplm
 from loopscope.data import ByteTokenizer, load_prompts
 from loopscope.families.looplm import LoopConfig, LoopLM
 from loopscope.nn.injection import InjectionKind
 from loopscope.nn.layers import NormScheme
-from loopscope.registry import get_config
-
-PROMPTS = Path(__file__).resolve().parents[1] / "src/loopscope/assets/prompts/demo.jsonl"
-
-
-def load_demo(model_path: str | None, device: str) -> tuple[LoopLM, str]:
-    """The bundled demo, else ``--model``, else a fresh init of its config (and which)."""
-    try:
-        return loopscope.load("demo", device=device), "bundled demo weights"
-    except CheckpointError:
-        pass
-    if model_path:
-        return load_looplm(model_path, device=device), f"checkpoint {model_path} (no bundled demo)"
-    model = LoopLM(get_config("demo-looped").model).to(device).eval()
-    return model, "FRESH RANDOM INIT of demo-looped (no bundled weights and no --model)"
 
 
 def relative(a: Tensor, b: Tensor) -> float:
@@ -221,7 +204,7 @@ def summary(label: str, rows: list[Row]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="checkpoint directory if the bundled demo is missing")
+    parser.add_argument("--model", help="a model to use instead of the bundled demo")
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--max-iter", type=int, default=20000)
     parser.add_argument("--prompts", type=int, default=4, help="bundled prompts for (a)")
@@ -241,7 +224,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    model, source = load_demo(args.model, args.device)
+    model, source = demo_model(args.model, args.device)
     print(f"(a) demo model: {source}; tol {args.tol:g}, max {args.max_iter} applications")
     print("    (* = not converged within max-iter)")
     tokenizer = ByteTokenizer()

@@ -32,30 +32,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from _demo import PROMPTS, demo_model  # noqa: E402
+
 from loopscope.analysis import stages as st  # noqa: E402
 from loopscope.engine.probes import CaptureProbe  # noqa: E402
 from loopscope.families.base import LoopedLM  # noqa: E402
 from loopscope.pipeline import prompt_inputs  # noqa: E402
 from loopscope.trace import PromptInput  # noqa: E402
 
-PROMPTS = ROOT / "src" / "loopscope" / "assets" / "prompts" / "demo.jsonl"
 TARGET = 1.5
-
-
-def load_model(source: str | None) -> tuple[LoopedLM, str]:
-    """The requested model, else the bundled demo, else a fresh demo-looped initialisation."""
-    import loopscope
-    from loopscope.checkpoint import bundled_model_dir
-
-    if source is not None:
-        return loopscope.load(source), source
-    if (bundled_model_dir("demo") / "config.json").exists():
-        return loopscope.load("demo"), "bundled demo"
-    from loopscope.families.looplm import LoopLM
-    from loopscope.registry import get_config
-
-    model = LoopLM(get_config("demo-looped").model).eval()
-    return model, "freshly initialised demo-looped (no bundled demo model yet; pass --model DIR)"
 
 
 def sync(device: torch.device) -> None:
@@ -163,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, what = load_model(args.model)
+    model, what = demo_model(args.model)
     model.eval().to(args.device)
     recurrences = args.recurrences or model.meta.train_recurrences
     prompts = prompt_inputs(args.prompts, limit=args.limit)

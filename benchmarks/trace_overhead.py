@@ -35,11 +35,12 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from _demo import PROMPTS, demo_model  # noqa: E402
+
 from loopscope.engine.probes import DynamicsProbe  # noqa: E402
 from loopscope.engine.sites import Site  # noqa: E402
 from loopscope.families.base import LoopedLM  # noqa: E402
 
-PROMPTS = ROOT / "src" / "loopscope" / "assets" / "prompts" / "demo.jsonl"
 CPU_TARGET, GPU_TARGET = 1.10, 1.05
 
 #: Huginn-0125's published shape (the raven loader's defaults); vocabulary and MLP width too.
@@ -92,23 +93,6 @@ class PerRowDynamics:
 
 
 # ----------------------------------------------------------------------------- models
-def demo_model(source: str | None) -> tuple[LoopedLM, str]:
-    """The requested model, else the bundled demo, else a fresh demo-looped initialisation."""
-    import loopscope
-    from loopscope.checkpoint import bundled_model_dir
-
-    if source is not None:
-        return loopscope.load(source), source
-    if (bundled_model_dir("demo") / "config.json").exists():
-        return loopscope.load("demo"), "bundled demo (loopscope.load('demo'))"
-    from loopscope.families.looplm import LoopLM
-    from loopscope.registry import get_config
-
-    torch.manual_seed(0)
-    model = LoopLM(get_config("demo-looped").model)
-    return model, "freshly initialised LoopLM(demo-looped) (no bundled demo yet; --model DIR)"
-
-
 def huginn_config(scale: float) -> dict[str, Any]:
     """Huginn-0125's config with widths (not head size or layer counts) times ``scale``."""
     config = dict(HUGINN_SHAPE)
