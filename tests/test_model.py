@@ -273,3 +273,29 @@ def test_a_malformed_config_json_names_the_file_and_line(tmp_path: Path, loader:
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="must hold a JSON object"):
         loaders[loader](tmp_path)
+
+
+@pytest.mark.parametrize("return_attn", [False, True])
+def test_a_diverged_token_never_reaches_earlier_ones_on_either_attention_path(
+    return_attn: bool,
+) -> None:
+    # Causality: earlier tokens' outputs cannot depend on a later token, not even when that
+    # token is NaN (fused kernels multiply its masked zero weight by its NaN value).
+    from loopscope.nn.layers import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 10, 8, generator=g) for _ in range(3))
+    clean, _ = causal_attention(q, k[:, :2], v[:, :2], return_attn)  # grouped-query too
+    q[:, :, -1], k[:, :, -1], v[:, :, -1] = float("nan"), float("nan"), float("inf")
+    out, _ = causal_attention(q, k[:, :2], v[:, :2], return_attn)
+    torch.testing.assert_close(out[:, :, :-1], clean[:, :, :-1])
+
+    model = LoopLM(LoopConfig(name="nan", d_model=32, n_heads=2, block_layers=2)).eval()
+    ids = torch.randint(0, 256, (1, 9), generator=g)
+    inputs, positions = prelude_output(model, ids)
+    state = torch.randn(inputs.shape, generator=g)
+    before = block_step(model, state, inputs, positions)
+    state[:, -1] = float("nan")
+    after = block_step(model, state, inputs, positions)
+    torch.testing.assert_close(after[:, :-1], before[:, :-1])
+    assert torch.isnan(after[:, -1]).all()  # the diverged token itself stays diverged

@@ -91,14 +91,16 @@ def causal_attention(
     Every family's attention goes through here so the eager path means the same everywhere."""
     probs: Tensor | None = None
     n_heads, n_kv = q.shape[1], k.shape[1]
+    # 0 · NaN is NaN: without this a diverged later token would poison every earlier one
+    # through the masked (zero-probability) entries of the causal product, on both paths. The
+    # diverged token stays diverged through its residual stream; finite V is untouched.
+    v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
     if return_attn:
         group = n_heads // n_kv
         if group > 1:
             k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         probs = causal_attention_probs(q, k)
-        # 0 · NaN is NaN: without this a diverged later token would poison every earlier one
-        # through the masked (zero-probability) entries of the batched causal product.
-        out = probs.to(v.dtype) @ torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+        out = probs.to(v.dtype) @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv != n_heads)
     return out, probs
