@@ -326,19 +326,21 @@ def test_cli_runs_a_narrowed_random_init_sweep(
     assert ablate_main(["ablate", "random-init", "--out", str(tmp_path), "--seeds", "0"]) == 2
 
 
-def test_cli_random_init_takes_the_adapter_init_noise(
+def test_cli_random_init_takes_the_adapter_and_embedding_init(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = [
         "ablate", "random-init", "--out", str(tmp_path), "--norms", "pre",
         "--injections", "concat-linear", "--block-sizes", "2", "--seeds", "1", "--no-progress",
     ]  # fmt: skip
-    assert ablate_main([*args, "--adapter-init-noise", "0"]) == 0
+    assert ablate_main([*args, "--adapter-init-noise", "0", "--embed-init-std", "1"]) == 0
     header = json.loads((tmp_path / "sweep.json").read_text())
-    assert header["adapter_init_noise"] == 0.0
+    assert (header["adapter_init_noise"], header["embed_init_std"]) == (0.0, 1.0)
     capsys.readouterr()
     # Another init is another measurement: the directory refuses it instead of mixing cells.
     assert ablate_main(args) == 2
     assert "adapter_init_noise" in capsys.readouterr().err
     assert ablate_main([*args, "--adapter-init-noise", "-0.1"]) == 2
-    assert "standard deviation" in capsys.readouterr().err
+    assert "--adapter-init-noise is a standard deviation" in capsys.readouterr().err
+    assert ablate_main([*args, "--embed-init-std", "-1"]) == 2
+    assert "--embed-init-std is a standard deviation" in capsys.readouterr().err

@@ -299,3 +299,17 @@ def test_a_diverged_token_never_reaches_earlier_ones_on_either_attention_path(
     after = block_step(model, state, inputs, positions)
     torch.testing.assert_close(after[:, :-1], before[:, :-1])
     assert torch.isnan(after[:, -1]).all()  # the diverged token itself stays diverged
+
+
+def test_embed_init_std_scales_only_the_token_embeddings() -> None:
+    base = LoopConfig(name="embed", d_model=64, n_heads=4)
+    default = LoopLM(base).state_dict()
+    scaled = LoopLM(base.with_(embed_init_std=1.0)).state_dict()
+    key = "tok_embeddings.weight"
+    # Same draws, another scale: exactly 50× the default's embeddings, nothing else touched.
+    torch.testing.assert_close(scaled[key], default[key] * 50.0)
+    assert float(scaled[key].std()) == pytest.approx(1.0, rel=0.05)
+    tied = {key, "lm_head.weight"}  # the head shares the embedding matrix
+    assert all(torch.equal(scaled[k], default[k]) for k in default if k not in tied)
+    with pytest.raises(ValueError, match="embed_init_std"):
+        base.with_(embed_init_std=-0.5)

@@ -335,6 +335,7 @@ class RandomInitPreset:
     dtype: str = "float32"
     residual_scale: float = 1.0
     adapter_init_noise: float = 0.02  # LoopConfig.adapter_init_noise: σ on the (Z+X)/√2 start
+    embed_init_std: float = 0.02  # LoopConfig.embed_init_std: σ of the token embeddings (= Z0 = X)
     rule: VerdictRule = field(default_factory=VerdictRule)
 
     def measurement(self) -> dict[str, Any]:
@@ -476,6 +477,7 @@ def cell_config(cell: Cell, preset: RandomInitPreset) -> LoopConfig:
         context_length=max(384, preset.prompt_tokens),
         init_seed=cell.seed,
         adapter_init_noise=preset.adapter_init_noise,
+        embed_init_std=preset.embed_init_std,
     )
 
 
@@ -524,6 +526,8 @@ class CellResult:
     recurrences: int
     seconds: float
     error: str | None = None
+    adapter_init_noise: float = 0.02  # the init the cell was measured at (older files: 0.02)
+    embed_init_std: float = 0.02
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = to_jsonable(asdict(self))
@@ -603,6 +607,8 @@ def measure_cell(
         d_model=preset.d_model,
         recurrences=preset.recurrences,
         seconds=time.perf_counter() - start,
+        adapter_init_noise=preset.adapter_init_noise,
+        embed_init_std=preset.embed_init_std,
     )
 
 
@@ -636,6 +642,8 @@ def run_cell(
             recurrences=preset.recurrences,
             seconds=time.perf_counter() - start,
             error=message,
+            adapter_init_noise=preset.adapter_init_noise,
+            embed_init_std=preset.embed_init_std,
         )
 
 
@@ -793,6 +801,8 @@ class GroupSummary:
     injection_ratio: float
     d_model: int
     recurrences: int
+    adapter_init_noise: float = 0.02
+    embed_init_std: float = 0.02
 
     @property
     def unanimous(self) -> bool:
@@ -829,6 +839,8 @@ def summarise_groups(results: Sequence[CellResult]) -> list[GroupSummary]:
                 injection_ratio=_mean_sd(r.injection_ratio for r in rs)[0],
                 d_model=rs[0].d_model,
                 recurrences=rs[0].recurrences,
+                adapter_init_noise=rs[0].adapter_init_noise,
+                embed_init_std=rs[0].embed_init_std,
             )
         )
     return out
@@ -961,12 +973,13 @@ def _explain(g: GroupSummary, study: str, rule: VerdictRule) -> str:
         elif math.isfinite(g.norm_growth) and g.norm_growth > 3.0:
             notes.append(f"the state's norm blows up (×{g.norm_growth:.3g} from R/2 to R)")
         if g.injection == "concat-linear" and g.norm == "pre":
-            linear = 2**-0.5 + 0.02 * math.sqrt(g.d_model)
+            sigma = g.adapter_init_noise
+            noise = sigma * math.sqrt(g.d_model)
             notes.append(
-                "scale/init: LoopLM's adapter starts as I/√2 on [Z; X] plus N(0, 0.02) noise, "
-                f"whose Z-block has spectral radius ≈ 0.02·√{g.d_model}, so the unnormalised "
-                f"linear recurrence has radius ≈ 0.71 + {0.02 * math.sqrt(g.d_model):.2f} = "
-                f"{linear:.2f} at this width"
+                f"scale/init: LoopLM's adapter starts as I/√2 on [Z; X] plus N(0, {sigma:g}) "
+                f"noise, whose Z-block has spectral radius ≈ {sigma:g}·√{g.d_model}, so the "
+                f"unnormalised linear recurrence has radius ≈ 0.71 + {noise:.2f} = "
+                f"{2**-0.5 + noise:.2f} at this width (--adapter-init-noise sets σ)"
             )
         if math.isfinite(rho) and rho > 1 + rule.radius_margin:
             notes.append(f"block Jacobian expanding (ρ = {rho:.3f})")
@@ -974,8 +987,8 @@ def _explain(g: GroupSummary, study: str, rule: VerdictRule) -> str:
         if g.injection != "none" and g.norm != "pre" and weak:
             notes.append(
                 f"scale/init: the injected embedding is only {g.injection_ratio:.2g}× the "
-                "state's RMS (N(0, 0.02) embeddings against a normalised stream), too weak to "
-                "pin the state at random init"
+                f"state's RMS (N(0, {g.embed_init_std:g}) embeddings against a normalised "
+                "stream), too weak to pin the state at random init (--embed-init-std sets it)"
             )
         if study == STABLE_DEGENERATE and math.isfinite(mc) and mc >= rule.degenerate_cosine:
             notes.append(f"its layers have already collapsed (min cos {mc:.4f}), as the study saw")
@@ -1214,8 +1227,9 @@ def write_random_init_outputs(
         f"{preset.prompt_tokens} tokens (one batch), block spectral radius from "
         f"{preset.spectral_iters} Jacobian-vector products, {preset.dtype}. No prelude, no coda; "
         f"Z0 = X = the token embedding in every cell. LoopLM's init: N(0, 0.02) weights, output "
-        f"projections N(0, 0.02/√(2·k·{preset.init_recurrences})), concat-linear adapter "
-        "(Z + X)/√2 + N(0, 0.02) noise, gate biases 0, diagonal decay exp(−e^{−1})."
+        f"projections N(0, 0.02/√(2·k·{preset.init_recurrences})), token embeddings "
+        f"N(0, {preset.embed_init_std:g}), concat-linear adapter (Z + X)/√2 + "
+        f"N(0, {preset.adapter_init_noise:g}) noise, gate biases 0, diagonal decay exp(−e^{{−1}})."
     )
     md = [
         "# Random-init ablation\n",

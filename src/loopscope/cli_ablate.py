@@ -38,13 +38,14 @@ def _cmd_random_init(args: argparse.Namespace) -> int:
         norms=args.norms,
         injections=args.injections,
     )
-    if args.adapter_init_noise is not None:
-        if not args.adapter_init_noise >= 0:
-            raise ValueError(
-                f"--adapter-init-noise is a standard deviation: pass a value ≥ 0, "
-                f"got {args.adapter_init_noise}"
-            )
-        preset = replace(preset, adapter_init_noise=args.adapter_init_noise)
+    for name in ("adapter_init_noise", "embed_init_std"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if not value >= 0:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} is a standard deviation: pass a value ≥ 0, got {value}")
+        preset = replace(preset, **{name: value})
     run = run_random_init(args.out, preset, device=args.device, progress=not args.no_progress)
     print(
         f"random-init ablation ({preset.name}): {len(run.results)} cells, "
@@ -112,6 +113,12 @@ def add_ablate_command(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="σ of the noise on concat-linear adapters' (Z+X)/√2 start (default 0.02, which "
         "contracts only below width ≈ 215; c/√width with c < 0.29 contracts at any width)",
+    )
+    r.add_argument(
+        "--embed-init-std",
+        type=float,
+        help="σ of the token embeddings, which are Z0 = X here (default 0.02, about 0.02× a "
+        "normalised stream)",
     )
     r.set_defaults(handler=_cmd_random_init)
     t = kinds.add_parser(

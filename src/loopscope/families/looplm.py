@@ -42,7 +42,9 @@ class LoopConfig:
     with (the default at inference). ``adapter_init_noise``: the standard deviation σ of the
     noise on a concat-linear adapter's (Z + X)/√2 start. Its Z half then has spectral radius
     ≈ 1/√2 + σ√d (circular law), so the default 0.02 contracts only below width ≈ 215; choose
-    σ = c/√d (c < 0.29) for a start that contracts alike at every width."""
+    σ = c/√d (c < 0.29) for a start that contracts alike at every width. ``embed_init_std``:
+    of the token embeddings (tied to the head by default); 0.02 makes the injected input about
+    0.02× a normalised stream, so weak injection cannot pin a normalised state at init."""
 
     name: str = "custom"
     vocab_size: int = 259
@@ -67,6 +69,7 @@ class LoopConfig:
     norm_eps: float = 1e-6
     init_seed: int = 0
     adapter_init_noise: float = 0.02
+    embed_init_std: float = 0.02
 
     def __post_init__(self) -> None:
         checks = [
@@ -77,6 +80,7 @@ class LoopConfig:
             (self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"),
             ((self.d_model // self.n_heads) % 2 == 0, "head size d_model/n_heads must be even"),
             (self.adapter_init_noise >= 0, "adapter_init_noise (a standard deviation) must be ≥ 0"),
+            (self.embed_init_std >= 0, "embed_init_std (a standard deviation) must be ≥ 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -187,6 +191,8 @@ class LoopLM(LoopedLM):
                 std = out_std if name.endswith(("proj.weight", "down.weight")) else 0.02
                 if name.endswith("adapter.weight"):
                     std = self.config.adapter_init_noise
+                elif name == "tok_embeddings.weight":
+                    std = self.config.embed_init_std
                 noise = torch.randn(param.shape, generator=generator) * std
                 if name.endswith("adapter.weight"):
                     d = self.config.d_model
