@@ -25,6 +25,22 @@ TINY = LoopConfig(
 )
 
 
+def trace_args(workspace: Path, *extra: str) -> list[str]:
+    """``loopscope trace`` of the tiny looped model for 4 recurrences, quietly, plus ``extra``."""
+    return [
+        "trace",
+        str(workspace / "looped"),
+        "--prompts",
+        str(workspace / "prompts.jsonl"),
+        "--recurrences",
+        "4",
+        "--no-progress",
+        "--stability-prompts",
+        "0",
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli")
@@ -71,19 +87,7 @@ def test_analyze_writes_report_and_metrics(workspace: Path) -> None:
 def test_trace_resumes_and_refuses_another_model(
     workspace: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = [
-        "trace",
-        str(workspace / "looped"),
-        "--prompts",
-        str(workspace / "prompts.jsonl"),
-        "--recurrences",
-        "4",
-        "--out",
-        str(workspace / "trace"),
-        "--no-progress",
-        "--stability-prompts",
-        "0",
-    ]
+    args = trace_args(workspace, "--out", str(workspace / "trace"))
     assert main(args) == 0
     assert main(args) == 0  # nothing left to do: resumes past both prompts
     other = args.copy()
@@ -188,23 +192,9 @@ def test_errors_name_the_problem(workspace: Path, capsys: pytest.CaptureFixture[
 def test_trace_solves_the_reference_with_the_chosen_anderson_settings(
     workspace: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    base = [
-        "trace",
-        str(workspace / "looped"),
-        "--prompts",
-        str(workspace / "prompts.jsonl"),
-        "--recurrences",
-        "4",
-        "--limit",
-        "1",
-        "--no-progress",
-        "--stability-prompts",
-        "0",
-        "--capture",
-        "summary",
-        "--fixed-point",
-        "anderson",
-    ]
+    base = trace_args(
+        workspace, "--limit", "1", "--capture", "summary", "--fixed-point", "anderson"
+    )
     out = workspace / "aa-trace"
     tuned = ["--anderson-memory", "20", "--anderson-beta", "2", "--fixed-point-tol", "1e-4"]
     assert main([*base, "--out", str(out), *tuned]) == 0
