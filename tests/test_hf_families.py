@@ -339,3 +339,19 @@ def test_inkling2_loop_refuses_edits() -> None:
     model = Inkling2LoopLM(tiny_inkling())
     with pytest.raises(NotImplementedError, match="edits"):
         model(torch.tensor([[1, 2, 3]]), edit_plan=lambda site: lambda c, t: t)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2", "olmo2"])
+def test_a_diverged_token_never_reaches_earlier_ones(model_type: str) -> None:
+    # Causality must survive a NaN token: fused kernels multiply its masked zero weight by its
+    # NaN value unless the values are sanitised.
+    model = RetrofitLM(tiny_model(model_type), loop=(1, 3), recurrences=2)
+    ids = prompt(batch=1, length=6)
+    with torch.no_grad():
+        inputs, positions = prelude_output(model, ids)
+        state = inputs.clone()
+        before = block_step(model, state, inputs, positions)
+        state[:, -1] = float("nan")
+        after = block_step(model, state, inputs, positions)
+    torch.testing.assert_close(after[:, :-1], before[:, :-1])
+    assert not torch.isfinite(after[:, -1]).all()

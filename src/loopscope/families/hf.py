@@ -230,6 +230,31 @@ def _first(output: Any) -> Tensor:
     return cast(Tensor, output[0] if isinstance(output, tuple) else output)
 
 
+#: Attention projections whose output holds the values V (GPT-2's c_attn holds Q, K and V).
+_VALUE_PROJECTIONS = ("v_proj", "c_attn")
+
+
+def _finite_values(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(output), output, torch.zeros_like(output))
+
+
+def _guard_attention_values(layers: nn.ModuleList) -> None:
+    """Zero non-finite attention values as they are projected, once per model.
+
+    Why: transformers' fused causal attention multiplies a later token's masked, zero weight by
+    its value, and 0 · NaN is NaN, so one diverged token would turn every earlier token NaN and
+    hide which tokens really diverged. A diverged token still stays diverged through its own
+    residual stream; finite values are untouched, so outputs are bit-for-bit unchanged."""
+    for layer in layers:
+        for name, module in layer.named_modules():
+            if name.rsplit(".", 1)[-1] not in _VALUE_PROJECTIONS:
+                continue
+            if getattr(module, "_loopscope_value_guard", False):
+                continue  # wrapped twice (e.g. RetrofitLM over the same hf model): one hook
+            module.register_forward_hook(_finite_values)
+            module._loopscope_value_guard = True
+
+
 class HFLayer:
     """One Hugging Face decoder layer under the engine's layer protocol.
 
@@ -344,6 +369,7 @@ class RetrofitLM(LoopedLM):
         )
         kinds = _layer_kinds(config, self.arch, n)
         self._layers = [HFLayer(self, i, kinds[i]) for i in range(n)]
+        _guard_attention_values(self.hf_layers)
         self.meta = FamilyMeta(
             family=family or f"retrofit-{config.model_type}",
             prelude_layers=a,
