@@ -301,10 +301,10 @@ def krylov_bound(
         jv = jvp(f, star, v.reshape(shape).to(star.dtype)).reshape(n).to(work)
         return v - jv
 
-    target = tol * float(torch.linalg.vector_norm(star, dtype=torch.float64))
+    scale = max(float(torch.linalg.vector_norm(star, dtype=torch.float64)), 1e-300)
+    target = tol * scale
     r0 = -residual_map((z0.detach().to(work) - star.to(work)).reshape(n))
     beta = float(torch.linalg.vector_norm(r0, dtype=torch.float64))
-    scale = max(float(torch.linalg.vector_norm(star, dtype=torch.float64)), 1e-300)
     residuals = [beta / scale]
     with torch.no_grad():
         true_r0 = (f(z0.detach()) - z0.detach()).reshape(n).to(work)

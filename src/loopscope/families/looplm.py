@@ -42,7 +42,7 @@ class LoopConfig:
     with (the default at inference). ``adapter_init_noise``: the standard deviation σ of the
     noise on a concat-linear adapter's (Z + X)/√2 start. Its Z half then has spectral radius
     ≈ 1/√2 + σ√d (circular law), so the default 0.02 contracts only below width ≈ 215; choose
-    σ = c/√d (c < 0.29) for a start that contracts alike at every width. ``embed_init_std``:
+    σ = c/√d (c < 0.29) for a start that contracts alike at every width. ``embed_init_std``: σ
     of the token embeddings (tied to the head by default); 0.02 makes the injected input about
     0.02× a normalised stream, so weak injection cannot pin a normalised state at init."""
 
