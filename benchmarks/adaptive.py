@@ -7,7 +7,7 @@ said so in the output) over the bundled prompts for 64 recurrences, sweeps every
 over its default thresholds and prints, per criterion, the largest fraction of recurrences saved
 by a threshold that keeps ≥ 99% top-1 agreement, next to the oracle (exit each token as soon as
 its top-1 never changes again). Exits are simulated from the one full-depth run (see
-``loopscope.adaptive``). Deterministic: zero initial state, no sampling.
+``loopscope.studies.adaptive``). Deterministic: zero initial state, no sampling.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from _demo import PROMPTS, demo_model
 
-from loopscope.adaptive import adaptive_depth_sweep, plot_adaptive, recurrences_saved_at
 from loopscope.data import ByteTokenizer, load_prompts
+from loopscope.studies.adaptive import adaptive_depth_sweep, plot_adaptive, recurrences_saved_at
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Throughput of tracing sharded over Ray: 2 single-threaded workers against 1.
 
 The same prompts (the bundled demo prompts, cycled to ``--prompts N``) are traced through the
-bundled demo model by ``loopscope.distributed.trace_distributed`` on a local Ray cluster of
+bundled demo model by ``loopscope.trace.sharding.trace_distributed`` on a local Ray cluster of
 ``num_cpus=2``, with at most 1 and then at most 2 shards running at once (same shard size),
 each into a fresh directory. Every worker uses one torch thread. Workers load the model once
 (a warm-up trace first, not timed), so what is compared is tracing, not start-up. Runs are
@@ -30,9 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from loopscope.distributed import trace_distributed  # noqa: E402
 from loopscope.pipeline import prompt_inputs  # noqa: E402
-from loopscope.trace import PromptInput, TraceSettings  # noqa: E402
+from loopscope.trace.sharding import trace_distributed  # noqa: E402
+from loopscope.trace.writer import PromptInput, TraceSettings  # noqa: E402
 
 PROMPTS = ROOT / "src" / "loopscope" / "assets" / "prompts" / "demo.jsonl"
 TARGET = 1.6

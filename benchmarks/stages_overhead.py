@@ -1,6 +1,6 @@
 """Cost of a stages-of-inference pass against a plain forward pass of the same model.
 
-The stages pass is what :func:`loopscope.stages_pipeline.stages_profile` does per prompt: the
+The stages pass is what :func:`loopscope.studies.stages.stages_profile` does per prompt: the
 engine with eager attention (probabilities materialised) feeding a StagesAccumulator. The plain
 pass is the same engine with PyTorch's fused attention and no probes. Both run over the same
 prompts (batch 1) in the same process, interleaved, several times; medians are compared.
@@ -35,10 +35,10 @@ sys.path.insert(0, str(ROOT / "src"))
 from _demo import PROMPTS, demo_model  # noqa: E402
 
 from loopscope.analysis import stages as st  # noqa: E402
+from loopscope.engine.contract import LoopedLM  # noqa: E402
 from loopscope.engine.probes import CaptureProbe  # noqa: E402
-from loopscope.families.base import LoopedLM  # noqa: E402
 from loopscope.pipeline import prompt_inputs  # noqa: E402
-from loopscope.trace import PromptInput  # noqa: E402
+from loopscope.trace.writer import PromptInput  # noqa: E402
 
 TARGET = 1.5
 

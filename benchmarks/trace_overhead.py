@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from _demo import PROMPTS, demo_model  # noqa: E402
 
+from loopscope.engine.contract import LoopedLM  # noqa: E402
 from loopscope.engine.probes import DynamicsProbe  # noqa: E402
 from loopscope.engine.sites import Site  # noqa: E402
-from loopscope.families.base import LoopedLM  # noqa: E402
 
 CPU_TARGET, GPU_TARGET = 1.10, 1.05
 

@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from loopscope.ablation import (
+from loopscope.cli.ablate import main as ablate_main
+from loopscope.nn.injection import INJECTIONS
+from loopscope.nn.layers import NORM_SCHEMES
+from loopscope.studies.ablation import (
     NOT_STABLE,
     RANDOM_INIT_PRESETS,
     STABLE_DEGENERATE,
@@ -32,10 +35,7 @@ from loopscope.ablation import (
     run_random_init,
     run_trained,
 )
-from loopscope.cli_ablate import main as ablate_main
-from loopscope.nn.injection import INJECTIONS
-from loopscope.nn.layers import NORM_SCHEMES
-from loopscope.training import TrainConfig
+from loopscope.training.loop import TrainConfig
 
 TINY = replace(
     RANDOM_INIT_PRESETS["quick"],

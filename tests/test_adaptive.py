@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from loopscope.adaptive import (
+from loopscope.engine.batching import (
+    MicrobatchOutOfMemoryError,
+    is_out_of_memory,
+    run_in_microbatches,
+)
+from loopscope.families.looplm import LoopConfig, LoopLM
+from loopscope.studies.adaptive import (
     adaptive_depth_sweep,
     exit_recurrences,
     plot_adaptive,
@@ -18,13 +24,7 @@ from loopscope.adaptive import (
     signals_from_tensors,
     sweep_signals,
 )
-from loopscope.engine.batching import (
-    MicrobatchOutOfMemoryError,
-    is_out_of_memory,
-    run_in_microbatches,
-)
-from loopscope.families.looplm import LoopConfig, LoopLM
-from loopscope.training import TrainConfig, save_checkpoint
+from loopscope.training.loop import TrainConfig, save_checkpoint
 
 R, V, D = 10, 7, 4
 TARGET = 6  # the settled top-1; the unsettled phase cycles through tokens 0..5

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from loopscope.cli import main
+from loopscope.cli.main import main
 from loopscope.data import generate_problems, write_jsonl
 from loopscope.families.looplm import LoopConfig, LoopLM
-from loopscope.training import TrainConfig, save_checkpoint
+from loopscope.training.loop import TrainConfig, save_checkpoint
 
 TINY = LoopConfig(
     name="tiny-cli",

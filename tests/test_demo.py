@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import loopscope
-from loopscope.checkpoint import bundled_model_dir
-from loopscope.cli import main
+from loopscope.cli.main import main
+from loopscope.families.checkpoint import bundled_model_dir
 
 
 def test_bundled_models_load_and_carry_their_model_cards() -> None:

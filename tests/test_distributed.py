@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import loopscope
-from loopscope.cli import main
+from loopscope.cli.main import main
 from loopscope.data import ByteTokenizer
 from loopscope.engine.loop import ContextLengthError
 from loopscope.families.looplm import LoopConfig, LoopLM
-from loopscope.trace import (
+from loopscope.trace.writer import (
     SHARDS_DIR,
     PromptInput,
     TraceError,
@@ -104,7 +104,7 @@ def ray_cluster() -> Iterator[Any]:
 def test_sharded_trace_survives_a_killed_worker_and_equals_the_single_process_trace(
     ray_cluster: Any, tmp_path: Path
 ) -> None:
-    from loopscope.distributed import FailOnce, plan_shards, trace_distributed
+    from loopscope.trace.sharding import FailOnce, plan_shards, trace_distributed
 
     prompts = _prompts(8)
     single = _single_thread_trace(prompts, tmp_path / "single")
@@ -171,7 +171,7 @@ def test_cli_trace_with_ray_matches_the_cli_without(ray_cluster: Any, tmp_path: 
 
 
 def test_bad_input_is_reported_from_the_workers(ray_cluster: Any, tmp_path: Path) -> None:
-    from loopscope.distributed import trace_distributed
+    from loopscope.trace.sharding import trace_distributed
 
     too_long = [PromptInput("long", [1] * 400)]  # the demo model's context is 384
     with pytest.raises(ContextLengthError, match="prompt 0 has 400 tokens"):
@@ -205,7 +205,7 @@ def test_readers_merge_shards_and_never_see_partial_chunks(tmp_path: Path) -> No
 
 
 def test_plan_shards_cuts_only_unfinished_prompts() -> None:
-    from loopscope.distributed import plan_shards
+    from loopscope.trace.sharding import plan_shards
 
     shards = plan_shards(7, {1, 2, 5}, 2)
     assert [s.indices for s in shards] == [(0, 3), (4, 6)]
@@ -217,7 +217,7 @@ def test_plan_shards_cuts_only_unfinished_prompts() -> None:
 def test_missing_ray_gives_the_install_command(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from loopscope.distributed import trace_distributed
+    from loopscope.trace.sharding import trace_distributed
 
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees without the extra
     with pytest.raises(ImportError, match=r"pip install 'loopscope\[ray\]'"):
@@ -236,7 +236,7 @@ def test_tracing_without_ray_flag_never_imports_ray(tmp_path: Path) -> None:
     prompt_file.write_text("one\ntwo\n")
     script = (
         "import sys\n"
-        "from loopscope.cli import main\n"
+        "from loopscope.cli.main import main\n"
         f"code = main(['trace', 'demo', '--prompts', {str(prompt_file)!r}, '--out', "
         f"{str(tmp_path / 'o')!r}, '--recurrences', '2', '--no-progress', "
         "'--stability-prompts', '0'])\n"

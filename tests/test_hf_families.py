@@ -13,10 +13,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from loopscope.checkpoint import CheckpointError  # noqa: E402
 from loopscope.engine.loop import block_step, prelude_output  # noqa: E402
 from loopscope.engine.probes import CaptureProbe  # noqa: E402
 from loopscope.engine.sites import Site  # noqa: E402
+from loopscope.families.checkpoint import CheckpointError  # noqa: E402
 from loopscope.families.hf import (  # noqa: E402
     Inkling2LoopLM,
     RetrofitLM,

@@ -7,15 +7,15 @@ import copy
 import pytest
 import torch
 
-from loopscope.engine.sites import Site
-from loopscope.families.looplm import LoopConfig, LoopLM
-from loopscope.interventions import (
+from loopscope.engine.interventions import (
     InterventionError,
     InterventionSpec,
     check_specs,
     edit_plan,
     parse_intervention,
 )
+from loopscope.engine.sites import Site
+from loopscope.families.looplm import LoopConfig, LoopLM
 
 R = 3
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from loopscope.checkpoint import CheckpointError, load_looplm
+from loopscope.core.errors import CheckpointError
 from loopscope.engine.loop import ContextLengthError, block_step, prelude_output
-from loopscope.families.looplm import LoopConfig, LoopLM
+from loopscope.families.looplm import LoopConfig, LoopLM, load_looplm
 from loopscope.nn.injection import INJECTIONS
 from loopscope.nn.layers import NORM_SCHEMES
-from loopscope.registry import REGISTRY, get_config
-from loopscope.training import TrainConfig, save_checkpoint
+from loopscope.training.configs import REGISTRY, get_config
+from loopscope.training.loop import TrainConfig, save_checkpoint
 
 TINY = LoopConfig(
     name="tiny",

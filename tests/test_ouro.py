@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loopscope.checkpoint import CheckpointError
 from loopscope.engine.loop import ContextLengthError, block_step, prelude_output
 from loopscope.engine.probes import CaptureProbe
 from loopscope.engine.sites import Site
+from loopscope.families.checkpoint import CheckpointError
 from loopscope.families.ouro import (
     ExitDistribution,
     OuroExitRecorder,
@@ -195,9 +195,10 @@ def test_exit_recorder_works_as_a_probe_alongside_others(model: OuroLM, ref: dic
 
 @torch.no_grad()
 def test_adaptive_depth_module_reads_the_gate(model: OuroLM, ref: dict) -> None:
-    """loopscope.adaptive finds ``exit_gate_logits`` and gets the reference's cumulative exit
+    """loopscope.studies.adaptive finds ``exit_gate_logits`` and gets the reference's cumulative
+    exit
     probabilities."""
-    from loopscope.adaptive import collect_signals
+    from loopscope.studies.adaptive import collect_signals
 
     signals = collect_signals(model, [ref["input_ids"][0]], 4)[0]
     assert signals.gate_cdf is not None

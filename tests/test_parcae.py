@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loopscope.checkpoint import CheckpointError
 from loopscope.engine.loop import ContextLengthError, block_step, prelude_output
 from loopscope.engine.probes import CaptureProbe
 from loopscope.engine.sites import Site
+from loopscope.families.checkpoint import CheckpointError
 from loopscope.families.ouro import is_ouro_config
 from loopscope.families.parcae import (
     DiagonalInjection,

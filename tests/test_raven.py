@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from loopscope.analysis.stability import spectral_radius
 from loopscope.analysis.stages import StagesAccumulator
-from loopscope.checkpoint import CheckpointError
 from loopscope.engine.loop import ContextLengthError, block_step, prelude_output
 from loopscope.engine.sites import Site
+from loopscope.families.checkpoint import CheckpointError
 from loopscope.families.raven import (
     RavenLM,
     detect_variant,

@@ -26,12 +26,12 @@ from loopscope.analysis.stages import (
     sink_rate,
     sink_scores,
 )
-from loopscope.cli_stages import add_stages_command
+from loopscope.cli.stages import add_stages_command
+from loopscope.engine.interventions import InterventionSpec
 from loopscope.engine.probes import CaptureProbe
 from loopscope.families.looplm import LoopConfig, LoopLM
-from loopscope.interventions import InterventionSpec
 from loopscope.report import to_jsonable
-from loopscope.stages_pipeline import (
+from loopscope.studies.stages import (
     compare_intervention,
     neuron_classes_per_layer,
     pool_profiles,
@@ -40,8 +40,8 @@ from loopscope.stages_pipeline import (
     stages_profile,
     stages_sections,
 )
-from loopscope.trace import PromptInput, TraceSettings, trace_prompts
-from loopscope.training import TrainConfig, save_checkpoint
+from loopscope.trace.writer import PromptInput, TraceSettings, trace_prompts
+from loopscope.training.loop import TrainConfig, save_checkpoint
 
 R = 3
 LENGTHS = (5, 9, 12)

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loopscope.checkpoint import CheckpointError
 from loopscope.data import ByteTokenizer
+from loopscope.families.checkpoint import CheckpointError
 from loopscope.families.looplm import LoopConfig, LoopLM
-from loopscope.tokenizers import tokenizer_for
-from loopscope.training import TrainConfig, save_checkpoint
+from loopscope.families.table import tokenizer_for
+from loopscope.training.loop import TrainConfig, save_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -58,7 +58,7 @@ def test_hf_checkpoint_uses_its_own_tokenizer_and_trace_records_it(tmp_path: Pat
     assert tokenizer.bos is True
 
     from loopscope.pipeline import trace
-    from loopscope.trace import TraceSettings
+    from loopscope.trace.writer import TraceSettings
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("w1 w2 w3\n")
@@ -79,7 +79,7 @@ def test_cli_retrofits_a_hf_decoder_with_a_loop(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from loopscope.cli import main
+    from loopscope.cli.main import main
 
     vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(30)}}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))

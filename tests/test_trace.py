@@ -17,7 +17,7 @@ from loopscope.engine.loop import ContextLengthError
 from loopscope.engine.sites import Site
 from loopscope.families.looplm import LoopConfig, LoopLM
 from loopscope.pipeline import prompt_inputs, report
-from loopscope.trace import PromptInput, TraceError, TraceSettings, TraceStore, trace_prompts
+from loopscope.trace.writer import PromptInput, TraceError, TraceSettings, TraceStore, trace_prompts
 
 TINY = LoopConfig(
     name="tiny-trace",

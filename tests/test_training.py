@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from loopscope.checkpoint import export_checkpoint, load_looplm
-from loopscope.evaluation import evaluate
-from loopscope.families.looplm import LoopConfig, LoopLM
-from loopscope.training import (
+from loopscope.families.looplm import LoopConfig, LoopLM, load_looplm
+from loopscope.training.evaluation import evaluate
+from loopscope.training.export import export_checkpoint
+from loopscope.training.loop import (
     TrainConfig,
     TrainingDivergedError,
     learning_rate,

@@ -10,11 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from loopscope.analysis.trace_analysis import Thresholds, analyse_dynamics
-from loopscope.families.base import LoopedLM
+from loopscope.engine.contract import LoopedLM
+from loopscope.families.table import tokenizer_for
+from loopscope.families.tokenizers import PromptTokenizer, byte_tokenizer
 from loopscope.report.html import ReportPaths, Section, write_report
-from loopscope.tokenizers import PromptTokenizer, byte_tokenizer, tokenizer_for
-from loopscope.trace import PromptInput, TraceSettings, TraceStore, trace_prompts
+from loopscope.report.trace_report import Thresholds, analyse_dynamics
+from loopscope.trace.writer import PromptInput, TraceSettings, TraceStore, trace_prompts
 
 
 def resolve_model(source: str | LoopedLM, **load_options: Any) -> LoopedLM:

@@ -47,7 +47,7 @@ from loopscope.analysis.stability import _arnoldi, jvp
 from loopscope.engine.loop import _check_inputs, block_step, prelude_output
 
 if TYPE_CHECKING:
-    from loopscope.families.base import InitState, LoopedLM
+    from loopscope.engine.contract import InitState, LoopedLM
 
 __all__ = [
     "FixedPointResult",

@@ -20,7 +20,7 @@ from loopscope.engine.sites import Probe, Site
 from loopscope.nn.layers import Edit
 
 if TYPE_CHECKING:
-    from loopscope.families.base import InitState, LoopedLM
+    from loopscope.engine.contract import InitState, LoopedLM
 
 #: Chooses the edit (intervention) for a site, or None to leave it alone.
 EditPlan = Callable[[Site], "Edit | None"]

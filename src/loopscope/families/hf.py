@@ -28,8 +28,16 @@ from typing import Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
-from loopscope.checkpoint import PICKLE_NAMES, CheckpointError, read_config
-from loopscope.families.base import INIT_STATES, FamilyMeta, InitState, LoopedLM, LoopLayer
+from loopscope.core.errors import CheckpointError
+from loopscope.engine.contract import INIT_STATES, FamilyMeta, InitState, LoopedLM, LoopLayer
+from loopscope.families.checkpoint import PICKLE_NAMES, read_config
+from loopscope.families.hub import (
+    auto_tokenizer,
+    cached_snapshot,
+    causal_lm,
+    fetch_hint,
+    looks_like_hub_id,
+)
 from loopscope.nn.injection import AddInjection, ConcatLinearInjection, NoInjection
 from loopscope.nn.layers import Edit
 
@@ -663,31 +671,15 @@ def wrap_hf(model: nn.Module, **kwargs: Any) -> LoopedLM:
 
 
 # ------------------------------------------------------------------------------------ loading
-def _fetch_hint(repo_id: str) -> str:
-    return (
-        f"fetch it once with `hf download {repo_id}` (older huggingface_hub: "
-        f"`huggingface-cli download {repo_id}`), or pass a local directory"
-    )
-
-
 def resolve_hf_directory(path_or_id: str | Path) -> Path:
     """A local directory as is, else the snapshot of a hub id in the local cache (no network)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
     name = str(path_or_id)
-    if name.count("/") != 1 or path.exists():
+    if not looks_like_hub_id(name):
         raise CheckpointError(f"{name!r} is neither a local directory nor a hub id like 'org/name'")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id=name, local_files_only=True))
-    except LocalEntryNotFoundError as err:
-        raise CheckpointError(
-            f"{name} is not in the local Hugging Face cache and loopscope never downloads; "
-            + _fetch_hint(name)
-        ) from err
+    return cached_snapshot(name)
 
 
 def _check_weights(directory: Path, label: str) -> None:
@@ -701,7 +693,7 @@ def _check_weights(directory: Path, label: str) -> None:
             "Convert them once to safetensors (e.g. load with transformers in a trusted "
             "environment and save_pretrained(dir, safe_serialization=True)) and load again"
         )
-    raise CheckpointError(f"{directory} has no *.safetensors weights; " + _fetch_hint(label))
+    raise CheckpointError(f"{directory} has no *.safetensors weights; " + fetch_hint(label))
 
 
 def _has_tokenizer(directory: Path) -> bool:
@@ -734,18 +726,9 @@ def load_hf(
             "code shipped with a checkpoint (trust_remote_code)"
         )
     _check_weights(directory, str(path_or_id))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     is_inkling = raw.get("model_type") in INKLING_TYPES
     fast = attn_implementation or (_EAGER if is_inkling else "sdpa")
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        str(directory),
-        local_files_only=True,
-        use_safetensors=True,
-        trust_remote_code=False,
-        dtype=dtype or torch.float32,
-        attn_implementation=fast,
-    )
+    hf_model = causal_lm(directory, dtype=dtype or torch.float32, attn_implementation=fast)
     model: LoopedLM
     if is_inkling:
         model = Inkling2LoopLM(hf_model, recurrences=recurrences, attn_implementation=fast)
@@ -761,9 +744,7 @@ def load_hf(
         )
     model.to(device).eval()
     if _has_tokenizer(directory):
-        cast(Any, model).tokenizer = AutoTokenizer.from_pretrained(
-            str(directory), local_files_only=True, trust_remote_code=False
-        )
+        cast(Any, model).tokenizer = auto_tokenizer(directory)
     return model
 
 

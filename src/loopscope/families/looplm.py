@@ -8,7 +8,7 @@ feedforward model is the same code with p = c = 0, one pass and no injection.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, cast
@@ -16,7 +16,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from loopscope.families.base import (
+from loopscope.core.errors import CheckpointError
+from loopscope.engine.contract import (
     INIT_STATES,
     AttentionWeights,
     FamilyMeta,
@@ -24,6 +25,7 @@ from loopscope.families.base import (
     LoopedLM,
     LoopLayer,
 )
+from loopscope.families.checkpoint import check_tensors, expected_shapes, read_config, read_tensors
 from loopscope.nn.injection import INJECTIONS, InjectionKind, make_injection
 from loopscope.nn.layers import (
     NORM_SCHEMES,
@@ -259,3 +261,26 @@ class LoopLM(LoopedLM):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def is_looplm_config(config: Mapping[str, Any]) -> bool:
+    """True for a config.json written by loopscope's own training."""
+    return "block_layers" in config and "norm_scheme" in config
+
+
+def load_looplm(
+    directory: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> LoopLM:
+    """Load one of our checkpoints (``config.json`` + ``model.safetensors``)."""
+    path = Path(directory)
+    config_path, raw = read_config(path, "a loopscope")
+    try:
+        config = LoopConfig.from_dict(raw)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{config_path}: {err}") from err
+    model = LoopLM(config)
+    tensors = read_tensors(path, dtype=torch.float32)
+    check_tensors(expected_shapes(model), tensors, str(path))
+    model.load_state_dict(tensors, strict=False)
+    model.eval()
+    return model.to(device=device, dtype=dtype)

@@ -34,15 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loopscope.checkpoint import (
+from loopscope.engine.contract import FamilyMeta, LoopedLM, LoopLayer
+from loopscope.engine.sites import Site
+from loopscope.families.checkpoint import (
     CheckpointError,
     check_tensors,
     read_config,
     read_tensors,
     weight_files,
 )
-from loopscope.engine.sites import Site
-from loopscope.families.base import FamilyMeta, LoopedLM, LoopLayer
 from loopscope.families.raven import ROPE_TABLE, RavenRMSNorm, RavenRope, RopeSpec
 from loopscope.nn.layers import Edit, causal_attention
 

@@ -40,14 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loopscope.checkpoint import (
+from loopscope.engine.contract import FamilyMeta, InitState, LoopedLM, LoopLayer
+from loopscope.families.checkpoint import (
     CheckpointError,
     check_tensors,
     read_config,
     read_tensors,
     weight_files,
 )
-from loopscope.families.base import FamilyMeta, InitState, LoopedLM, LoopLayer
 from loopscope.families.raven import RavenRMSNorm, RavenRope, RopeSpec
 from loopscope.nn.layers import Edit, causal_attention
 

@@ -34,14 +34,14 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from loopscope.checkpoint import (
+from loopscope.engine.contract import FamilyMeta, InitState, LoopedLM, LoopLayer
+from loopscope.families.checkpoint import (
     CheckpointError,
     check_tensors,
     read_config,
     read_tensors,
     weight_files,
 )
-from loopscope.families.base import FamilyMeta, InitState, LoopedLM, LoopLayer
 from loopscope.nn.layers import Edit, causal_attention
 
 RavenVariant = Literal["huginn", "llama", "olmo2"]

@@ -1,7 +1,7 @@
 """Stages of inference end to end: profile a model over prompts, compare it with a feedforward
 reference, classify MLP neurons, measure interventions, and write the report section.
 
-    >>> from loopscope.stages_pipeline import run_stages
+    >>> from loopscope.studies.stages import run_stages
     >>> run_stages("demo", "prompts.jsonl", "out/", reference="demo-feedforward")  # doctest: +SKIP
 
 Profiles are streamed: a :class:`~loopscope.analysis.stages.StagesAccumulator` reduces every
@@ -35,12 +35,12 @@ from loopscope.analysis.stages import (
     StagesProfile,
 )
 from loopscope.analysis.stages import neuron_classes as classify_neurons
+from loopscope.engine.contract import InitState, LoopedLM
+from loopscope.engine.interventions import InterventionSpec, check_specs
+from loopscope.engine.interventions import edit_plan as make_edit_plan
 from loopscope.engine.loop import EditPlan
-from loopscope.families.base import InitState, LoopedLM
-from loopscope.interventions import InterventionSpec, check_specs
-from loopscope.interventions import edit_plan as make_edit_plan
 from loopscope.report.html import Figure, ReportPaths, Section, Table, write_report
-from loopscope.trace import PromptInput, TraceError, TraceStore
+from loopscope.trace.writer import PromptInput, TraceError, TraceStore
 
 __all__ = [
     "InterventionResult",
@@ -119,7 +119,7 @@ def stages_profile(
 
     Prompts run one at a time (batch 1, so no padding leaks into the metrics) with eager
     attention; ``recurrences`` defaults to the model's training count, ``edit_plan`` applies an
-    intervention (see :mod:`loopscope.interventions`).
+    intervention (see :mod:`loopscope.engine.interventions`).
     """
     from tqdm.auto import tqdm
 
@@ -728,8 +728,8 @@ def _resolve_prompts(
 ) -> list[PromptInput]:
     """Prompt files are tokenised with the tokenizer of ``model`` (when given by name)."""
     if isinstance(prompts, (str, Path)):
+        from loopscope.families.table import tokenizer_for
         from loopscope.pipeline import prompt_inputs
-        from loopscope.tokenizers import tokenizer_for
 
         tokenizer = tokenizer_for(model) if isinstance(model, (str, Path)) else None
         return prompt_inputs(prompts, limit=limit, tokenizer=tokenizer)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from loopscope.report.html import Section, Table, format_cell
-from loopscope.trace import PromptInput, TraceSettings
+from loopscope.trace.writer import PromptInput, TraceSettings
 
 DEMO_PROMPTS = "demo.jsonl"
 
@@ -27,7 +27,7 @@ def bundled_prompts_path() -> Path:
 def _models_table(names: list[str]) -> Table:
     """What the bundled models are and how well they do, from their model cards (measured on
     held-out problems when they were exported)."""
-    from loopscope.checkpoint import bundled_model_dir
+    from loopscope.families.checkpoint import bundled_model_dir
 
     rows: list[list[Any]] = []
     for name in names:
@@ -106,7 +106,7 @@ def run_demo(out_dir: Path, *, recurrences: int = 64, quick: bool = False) -> in
         extra_metrics=extra_metrics,
         title="loopscope demo — bundled looped model",
     )
-    from loopscope.analysis.trace_analysis import analyse_dynamics
+    from loopscope.report.trace_report import analyse_dynamics
 
     print_table(analyse_dynamics(store).verdict)
     print(f"report: {paths.html}\nmetrics: {paths.metrics_json}")
@@ -116,7 +116,7 @@ def run_demo(out_dir: Path, *, recurrences: int = 64, quick: bool = False) -> in
 
 def _stages(store: Any, feedforward: Any, prompts: list[PromptInput]) -> Any:
     """Stages of inference of the looped trace against the feedforward twin."""
-    from loopscope.stages_pipeline import (
+    from loopscope.studies.stages import (
         pooled_profile_from_trace,
         stages_profile,
         stages_sections,

@@ -16,7 +16,7 @@ Layout (one chunk per prompt; arrays are ``.npy`` so they open lazily with ``mma
 An interrupted run resumes at the first prompt without a finished chunk; a directory traced
 with another model or other settings is refused rather than mixed.
 
-A sharded run (:mod:`loopscope.distributed`) writes the same chunks, keyed by the same prompt
+A sharded run (:mod:`loopscope.trace.sharding`) writes the same chunks, keyed by the same prompt
 index, under ``TRACE/shards/shard_<first>-<last>/prompt_NNNNN/``; readers see the top level and
 every shard as one trace, and ``*.partial`` directories are never part of it.
 """
@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from loopscope.engine.contract import LoopedLM
 from loopscope.engine.loop import ContextLengthError, EditPlan, block_step, prelude_output
 from loopscope.engine.probes import CaptureProbe, DynamicsProbe, DynamicsSummary
 from loopscope.engine.sites import Site
-from loopscope.families.base import LoopedLM
 
 FORMAT = "loopscope-trace/1"
 SHARDS_DIR = "shards"

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from loopscope.training import TrainConfig, derive_seed, encode_texts, lm_loss
+from loopscope.training.loop import TrainConfig, derive_seed, encode_texts, lm_loss
 
 
 @torch.no_grad()

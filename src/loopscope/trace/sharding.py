@@ -5,8 +5,8 @@ runs one Ray task per shard. Each task loads the model itself from its source st
 (``loopscope.load(source)``: "demo", a checkpoint directory, …; the model object is never
 shipped), uses one CPU thread (``num_cpus=1``) or one GPU, and writes its chunks, keyed by the
 global prompt index, under ``TRACE/shards/shard_<first>-<last>/``. Readers
-(:class:`~loopscope.trace.TraceStore`) merge the shards lazily into one trace, so the result
-equals what :func:`~loopscope.trace.trace_prompts` writes in one process, bit for bit.
+(:class:`~loopscope.trace.writer.TraceStore`) merge the shards lazily into one trace, so the result
+equals what :func:`~loopscope.trace.writer.trace_prompts` writes in one process, bit for bit.
 
 Fault tolerance is Ray's: a worker that dies mid-shard has its task retried
 (``max_retries``) on another or a fresh worker, which skips the chunks the dead one finished;
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loopscope.checkpoint import BUNDLED
-from loopscope.families.base import LoopedLM
-from loopscope.trace import (
+from loopscope.engine.contract import LoopedLM
+from loopscope.families.checkpoint import BUNDLED
+from loopscope.trace.writer import (
     SHARDS_DIR,
     PromptInput,
     TraceError,

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from loopscope.families.looplm import LoopConfig, LoopLM
+from loopscope.core.errors import CheckpointError
 
 PICKLE_NAMES = ("pytorch_model.bin", "model.pt", "model.pth", "consolidated.00.pth")
 BUNDLED = {
@@ -21,10 +21,6 @@ BUNDLED = {
     "demo-looped": "demo-looped",
     "demo-feedforward": "demo-feedforward",
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked, with what to do about it."""
 
 
 def read_config(directory: str | Path, what: str) -> tuple[Path, dict[str, Any]]:
@@ -142,83 +138,3 @@ def expected_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
         seen.add(tensor.data_ptr())
         shapes[name] = tensor.shape
     return shapes
-
-
-def load_looplm(
-    directory: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
-) -> LoopLM:
-    """Load one of our checkpoints (``config.json`` + ``model.safetensors``)."""
-    path = Path(directory)
-    config_path, raw = read_config(path, "a loopscope")
-    try:
-        config = LoopConfig.from_dict(raw)
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{config_path}: {err}") from err
-    model = LoopLM(config)
-    tensors = read_tensors(path, dtype=torch.float32)
-    check_tensors(expected_shapes(model), tensors, str(path))
-    model.load_state_dict(tensors, strict=False)
-    model.eval()
-    return model.to(device=device, dtype=dtype)
-
-
-def export_checkpoint(
-    source: str | Path,
-    destination: str | Path,
-    *,
-    dtype: torch.dtype = torch.float16,
-    eval_problems: int = 64,
-    command: str = "",
-) -> dict[str, object]:
-    """Copy a trained checkpoint without optimizer state, weights cast to ``dtype`` (small
-    enough to ship), then evaluate the exported weights on held-out problems and write a model
-    card (``MODEL_CARD.md`` + ``card.json``) saying how it was made and how well it does."""
-    from dataclasses import replace
-
-    from loopscope.evaluation import evaluate
-    from loopscope.training import TrainConfig, save_checkpoint
-
-    src, dst = Path(source), Path(destination)
-    model = load_looplm(src)
-    train_cfg = TrainConfig.from_dict(json.loads((src / "train_config.json").read_text()))
-    state = json.loads((src / "trainer_state.json").read_text())
-    save_checkpoint(dst, model, train_cfg, dtype=dtype)
-    exported = load_looplm(dst)
-    held_out = evaluate(
-        exported, replace(train_cfg, eval_problems=eval_problems, accuracy_problems=eval_problems)
-    )
-    size = (dst / "model.safetensors").stat().st_size
-    card: dict[str, object] = {
-        "name": exported.config.name,
-        "layout": exported.meta.layout,
-        "parameters": exported.num_parameters(),
-        "steps": state["step"],
-        "train_seed": train_cfg.seed,
-        "eval_seed": train_cfg.eval_seed,
-        "held_out_problems": eval_problems,
-        "held_out_loss": held_out["eval_loss"],
-        "held_out_accuracy": held_out["eval_accuracy"],
-        "weights_dtype": str(dtype).removeprefix("torch."),
-        "size_bytes": size,
-        "command": command,
-        "torch": torch.__version__,
-        "history": state["history"],
-    }
-    (dst / "card.json").write_text(json.dumps(card, indent=2))
-    (dst / "MODEL_CARD.md").write_text(_card_markdown(card))
-    return card
-
-
-def _card_markdown(card: dict[str, object]) -> str:
-    return (
-        f"# {card['name']}\n\n"
-        f"Layout {card['layout']}, {card['parameters']:,} parameters, weights stored as "
-        f"{card['weights_dtype']} ({int(str(card['size_bytes'])) / 1e6:.2f} MB).\n\n"
-        f"Trained with loopscope's own command:\n\n    {card['command']}\n\n"
-        f"for {card['steps']} steps (training data seed {card['train_seed']}), then exported.\n\n"
-        f"Held-out evaluation of the exported weights on {card['held_out_problems']} synthetic "
-        f"problems (evaluation seed {card['eval_seed']}, never trained on): loss "
-        f"{float(str(card['held_out_loss'])):.4f} nats/byte, exact-answer accuracy "
-        f"{100 * float(str(card['held_out_accuracy'])):.1f}% (greedy decoding).\n\n"
-        f"torch {card['torch']}.\n"
-    )

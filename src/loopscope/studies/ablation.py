@@ -29,7 +29,7 @@ along a settled direction must not count as moving just because its norm grows.
 4. otherwise *stable, degenerate* when min over l of cos(X*[0], X*[l]) ≥ ``degenerate_cosine``
    (all block layers collapsed onto one point) and *stable, distinct* below.
 
-The thresholds default to those of :class:`loopscope.analysis.trace_analysis.Thresholds`
+The thresholds default to those of :class:`loopscope.report.trace_report.Thresholds`
 (settled step 1e-3, degenerate cosine 0.99), so a sweep and a single-model report agree.
 """
 
@@ -67,7 +67,7 @@ from loopscope.families.looplm import LoopConfig, LoopLM
 from loopscope.nn.injection import INJECTIONS
 from loopscope.nn.layers import NORM_SCHEMES
 from loopscope.report.html import Figure, ReportPaths, Section, Table, to_jsonable, write_report
-from loopscope.training import TrainConfig
+from loopscope.training.loop import TrainConfig
 
 __all__ = [
     "NOT_STABLE",
@@ -1343,7 +1343,7 @@ class TrainedPreset:
 
 
 def _paper_train() -> TrainConfig:
-    from loopscope.registry import get_config
+    from loopscope.training.configs import get_config
 
     return get_config("study-2-4x4-2").train
 
@@ -1445,7 +1445,7 @@ def trained_grid(preset: TrainedPreset) -> list[TrainedCell]:
 
 def trained_configs(cell: TrainedCell, preset: TrainedPreset) -> tuple[LoopConfig, TrainConfig]:
     """Model and training configs of a cell, from the registry's study configs."""
-    from loopscope.registry import get_config
+    from loopscope.training.configs import get_config
 
     base = get_config("study-feedforward-12" if cell.feedforward else "study-2-4x4-2").model
     p = 0 if cell.feedforward or not cell.prelude_coda else 2
@@ -1531,7 +1531,7 @@ def _dynamics(
 ) -> dict[str, Any]:
     """Trace + per-cell dynamics report; our measures and verdict from the traced states."""
     from loopscope import pipeline
-    from loopscope.trace import TraceSettings
+    from loopscope.trace.writer import TraceSettings
 
     settings = TraceSettings(
         recurrences=preset.trace_recurrences,
@@ -1574,9 +1574,9 @@ def _stages(model: LoopLM, cell_dir: Path, prompts: Sequence[Any]) -> str:
     """Stage profile at the training recurrence count into ``stages.json``; returns a note
     ('' when done) because the stages pipeline may be missing in a partial install."""
     try:
-        from loopscope.stages_pipeline import stages_profile
+        from loopscope.studies.stages import stages_profile
     except ImportError as err:
-        return f"stages skipped: loopscope.stages_pipeline unavailable ({err})"
+        return f"stages skipped: loopscope.studies.stages unavailable ({err})"
     profile = stages_profile(model, list(prompts), progress=False)
     _atomic_write(cell_dir / "stages.json", json.dumps(profile.to_dict()))
     return ""
@@ -1593,8 +1593,8 @@ def run_trained_cell(
     log: Callable[[str], None] = print,
 ) -> TrainedResult:
     """Train (resuming inside ``cell_dir``), evaluate, trace + analyse, profile stages."""
-    from loopscope.evaluation import evaluate
-    from loopscope.training import train
+    from loopscope.training.evaluation import evaluate
+    from loopscope.training.loop import train
 
     start = time.perf_counter()
     model_cfg, train_cfg = trained_configs(cell, preset)

@@ -588,9 +588,9 @@ def run_adaptive_cli(
     ``adaptive.csv`` and ``adaptive.png`` into ``out_dir``, print the table, return the exit
     code (2 with a message on stderr when the model or prompts cannot be used)."""
     import loopscope
-    from loopscope.checkpoint import CheckpointError
     from loopscope.data import DataFormatError, load_prompts
-    from loopscope.tokenizers import tokenizer_for
+    from loopscope.families.checkpoint import CheckpointError
+    from loopscope.families.table import tokenizer_for
 
     try:
         model = loopscope.load(model_source, device=device)

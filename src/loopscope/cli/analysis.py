@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from loopscope.trace import TraceSettings, TraceStore
+from loopscope.trace.writer import TraceSettings, TraceStore
 
 
 def _settings(args: argparse.Namespace) -> TraceSettings:
@@ -135,9 +135,9 @@ def _run_trace(args: argparse.Namespace, out: str | Path) -> TraceStore:
         )
     if _load_options(args):
         raise ValueError("--loop and --injection are not supported with --ray yet; drop --ray")
-    from loopscope.distributed import trace_distributed
+    from loopscope.families.table import tokenizer_for
     from loopscope.pipeline import prompt_inputs
-    from loopscope.tokenizers import tokenizer_for
+    from loopscope.trace.sharding import trace_distributed
 
     tokenizer = tokenizer_for(args.model)
     try:

@@ -1,6 +1,6 @@
 """``loopscope ablate random-init|trained``: the architecture ablations as one command each.
 
-``add_ablate_command(sub)`` plugs into the main parser; ``python -m loopscope.cli_ablate`` runs
+``add_ablate_command(sub)`` plugs into the main parser; ``python -m loopscope.cli.ablate`` runs
 the same command on its own.
 """
 
@@ -23,7 +23,7 @@ def _setup_threads(args: argparse.Namespace) -> None:
 
 
 def _cmd_random_init(args: argparse.Namespace) -> int:
-    from loopscope.ablation import (
+    from loopscope.studies.ablation import (
         compare_with_study,
         markdown_table,
         random_init_preset,
@@ -61,7 +61,7 @@ def _cmd_random_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_trained(args: argparse.Namespace) -> int:
-    from loopscope.ablation import run_trained, trained_preset
+    from loopscope.studies.ablation import run_trained, trained_preset
 
     _setup_threads(args)
     preset = trained_preset(

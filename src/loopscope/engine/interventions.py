@@ -28,9 +28,9 @@ from typing import Literal, cast
 import torch
 from torch import Tensor
 
+from loopscope.engine.contract import FamilyMeta
 from loopscope.engine.loop import EditPlan
 from loopscope.engine.sites import Site, Stage
-from loopscope.families.base import FamilyMeta
 from loopscope.nn.layers import Component, Edit
 
 __all__ = [

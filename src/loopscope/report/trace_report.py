@@ -1,7 +1,7 @@
 """The dynamics measurements of a whole trace (SPEC §2 items 1–6, 8, §4 stability), averaged
 over prompts, as numbers (``metrics``), a verdict table and report sections.
 
-Pure: reads a :class:`~loopscope.trace.TraceStore`, never a model.
+Pure: reads a :class:`~loopscope.trace.writer.TraceStore`, never a model.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from loopscope.analysis import dynamics as dyn
 from loopscope.analysis import figures_dynamics as figs
 from loopscope.report.html import Figure, Section, Table
-from loopscope.trace import PromptTrace, TraceStore
+from loopscope.trace.writer import PromptTrace, TraceStore
 
 
 @dataclass(frozen=True)

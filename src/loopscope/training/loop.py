@@ -242,7 +242,7 @@ def train(
     steps (used to test resumption)."""
     from tqdm.auto import tqdm
 
-    from loopscope.evaluation import evaluate
+    from loopscope.training.evaluation import evaluate
 
     out = Path(out_dir)
     torch.manual_seed(cfg.seed)

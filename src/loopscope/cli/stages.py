@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from loopscope.analysis.stages import METRICS
-from loopscope.interventions import SYNTAX
+from loopscope.engine.interventions import SYNTAX
 
 __all__ = ["add_stages_command"]
 
@@ -17,8 +17,8 @@ _INTERVENE_HELP = (
 
 
 def _cmd_stages(args: argparse.Namespace) -> int:
-    from loopscope.interventions import parse_intervention
-    from loopscope.stages_pipeline import run_stages
+    from loopscope.engine.interventions import parse_intervention
+    from loopscope.studies.stages import run_stages
 
     if args.recurrences is not None and args.recurrences < 1:
         raise ValueError(f"--recurrences must be ≥ 1, got {args.recurrences}")

@@ -15,8 +15,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from loopscope.families.looplm import LoopLM
-    from loopscope.registry import get_config
-    from loopscope.training import train
+    from loopscope.training.configs import get_config
+    from loopscope.training.loop import train
 
     named = get_config(args.config)
     cfg = named.train
@@ -34,7 +34,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from loopscope.demo import run_demo
+    from loopscope.studies.demo import run_demo
 
     return run_demo(Path(args.out), recurrences=args.recurrences, quick=args.quick)
 
@@ -56,7 +56,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from loopscope.checkpoint import export_checkpoint
+    from loopscope.training.export import export_checkpoint
 
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
     card = export_checkpoint(
@@ -84,7 +84,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_adaptive(args: argparse.Namespace) -> int:
-    from loopscope.adaptive import run_adaptive_cli
+    from loopscope.studies.adaptive import run_adaptive_cli
 
     return run_adaptive_cli(
         args.model,
@@ -124,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_export, _add_adaptive, _add_demo):
         add(sub)
-    from loopscope.cli_ablate import add_ablate_command
-    from loopscope.cli_analysis import add_analysis_commands
-    from loopscope.cli_stages import add_stages_command
+    from loopscope.cli.ablate import add_ablate_command
+    from loopscope.cli.analysis import add_analysis_commands
+    from loopscope.cli.stages import add_stages_command
 
     add_analysis_commands(sub)
     add_stages_command(sub)

@@ -1,0 +1,1 @@
+"""The ``loopscope`` command line: one table of commands in ``loopscope.cli.main``."""
