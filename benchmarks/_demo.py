@@ -27,7 +27,7 @@ def demo_model(source: str | None = None, device: str = "cpu") -> tuple[LoopedLM
     if (bundled_model_dir("demo") / "config.json").exists():
         return loopscope.load("demo", device=device), "bundled demo (loopscope.load('demo'))"
     from loopscope.families.looplm import LoopLM
-    from loopscope.training.configs import get_config
+    from loopscope.training.named_configs import get_config
 
     model = LoopLM(get_config("demo-looped").model).to(device).eval()
     return model, "FRESH RANDOM INIT of demo-looped (no bundled demo; pass --model DIR)"

@@ -15,8 +15,8 @@ import time
 import torch
 
 from loopscope.families.looplm import LoopLM
-from loopscope.training.configs import get_config
-from loopscope.training.loop import batch_for_step, training_loss
+from loopscope.training.named_configs import get_config
+from loopscope.training.objective import batch_for_step, training_loss
 
 
 def step_seconds(model: LoopLM, steps: int, cfg_name: str) -> tuple[float, int]:

@@ -35,7 +35,7 @@ from loopscope.studies.ablation import (
     run_random_init,
     run_trained,
 )
-from loopscope.training.loop import TrainConfig
+from loopscope.training.config import TrainConfig
 
 TINY = replace(
     RANDOM_INIT_PRESETS["quick"],

@@ -24,7 +24,8 @@ from loopscope.studies.adaptive import (
     signals_from_tensors,
     sweep_signals,
 )
-from loopscope.training.loop import TrainConfig, save_checkpoint
+from loopscope.training.config import TrainConfig
+from loopscope.training.loop import save_checkpoint
 
 R, V, D = 10, 7, 4
 TARGET = 6  # the settled top-1; the unsettled phase cycles through tokens 0..5

@@ -10,7 +10,8 @@ import pytest
 from loopscope.cli.main import main
 from loopscope.data import generate_problems, write_jsonl
 from loopscope.families.looplm import LoopConfig, LoopLM
-from loopscope.training.loop import TrainConfig, save_checkpoint
+from loopscope.training.config import TrainConfig
+from loopscope.training.loop import save_checkpoint
 
 TINY = LoopConfig(
     name="tiny-cli",

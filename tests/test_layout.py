@@ -179,7 +179,8 @@ def test_module_stays_readable(name: str) -> None:
 def test_import_loopscope_is_light() -> None:
     code = (
         "import sys, loopscope\n"
-        "heavy = [m for m in ('torch', 'matplotlib', 'transformers', 'numpy') if m in sys.modules]\n"
+        "names = ('torch', 'matplotlib', 'transformers', 'numpy')\n"
+        "heavy = [m for m in names if m in sys.modules]\n"
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -13,8 +13,9 @@ from loopscope.engine.loop import ContextLengthError, block_step, prelude_output
 from loopscope.families.looplm import LoopConfig, LoopLM, load_looplm
 from loopscope.nn.injection import INJECTIONS
 from loopscope.nn.layers import NORM_SCHEMES
-from loopscope.training.configs import REGISTRY, get_config
-from loopscope.training.loop import TrainConfig, save_checkpoint
+from loopscope.training.config import TrainConfig
+from loopscope.training.loop import save_checkpoint
+from loopscope.training.named_configs import REGISTRY, get_config
 
 TINY = LoopConfig(
     name="tiny",

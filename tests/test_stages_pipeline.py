@@ -41,7 +41,8 @@ from loopscope.studies.stages import (
     stages_sections,
 )
 from loopscope.trace.writer import PromptInput, TraceSettings, trace_prompts
-from loopscope.training.loop import TrainConfig, save_checkpoint
+from loopscope.training.config import TrainConfig
+from loopscope.training.loop import save_checkpoint
 
 R = 3
 LENGTHS = (5, 9, 12)

@@ -12,7 +12,8 @@ from loopscope.data import ByteTokenizer
 from loopscope.families.checkpoint import CheckpointError
 from loopscope.families.looplm import LoopConfig, LoopLM
 from loopscope.families.table import tokenizer_for
-from loopscope.training.loop import TrainConfig, save_checkpoint
+from loopscope.training.config import TrainConfig
+from loopscope.training.loop import save_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -10,16 +10,11 @@ import pytest
 import torch
 
 from loopscope.families.looplm import LoopConfig, LoopLM, load_looplm
+from loopscope.training.config import TrainConfig, learning_rate, sample_recurrences
 from loopscope.training.evaluation import evaluate
 from loopscope.training.export import export_checkpoint
-from loopscope.training.loop import (
-    TrainConfig,
-    TrainingDivergedError,
-    learning_rate,
-    lm_loss,
-    sample_recurrences,
-    train,
-)
+from loopscope.training.loop import TrainingDivergedError, train
+from loopscope.training.objective import lm_loss
 
 TINY = LoopConfig(
     name="tiny-train",

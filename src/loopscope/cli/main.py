@@ -15,8 +15,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from loopscope.families.looplm import LoopLM
-    from loopscope.training.configs import get_config
     from loopscope.training.loop import train
+    from loopscope.training.named_configs import get_config
 
     named = get_config(args.config)
     cfg = named.train

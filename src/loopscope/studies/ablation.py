@@ -67,7 +67,7 @@ from loopscope.families.looplm import LoopConfig, LoopLM
 from loopscope.nn.injection import INJECTIONS
 from loopscope.nn.layers import NORM_SCHEMES
 from loopscope.report.html import Figure, ReportPaths, Section, Table, to_jsonable, write_report
-from loopscope.training.loop import TrainConfig
+from loopscope.training.config import TrainConfig
 
 __all__ = [
     "NOT_STABLE",
@@ -1343,7 +1343,7 @@ class TrainedPreset:
 
 
 def _paper_train() -> TrainConfig:
-    from loopscope.training.configs import get_config
+    from loopscope.training.named_configs import get_config
 
     return get_config("study-2-4x4-2").train
 
@@ -1445,7 +1445,7 @@ def trained_grid(preset: TrainedPreset) -> list[TrainedCell]:
 
 def trained_configs(cell: TrainedCell, preset: TrainedPreset) -> tuple[LoopConfig, TrainConfig]:
     """Model and training configs of a cell, from the registry's study configs."""
-    from loopscope.training.configs import get_config
+    from loopscope.training.named_configs import get_config
 
     base = get_config("study-feedforward-12" if cell.feedforward else "study-2-4x4-2").model
     p = 0 if cell.feedforward or not cell.prelude_coda else 2

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from loopscope.training.loop import TrainConfig, derive_seed, encode_texts, lm_loss
+from loopscope.training.config import TrainConfig, derive_seed
+from loopscope.training.objective import encode_texts, lm_loss
 
 
 @torch.no_grad()

@@ -24,8 +24,9 @@ def export_checkpoint(
     card (``MODEL_CARD.md`` + ``card.json``) saying how it was made and how well it does."""
     from dataclasses import replace
 
+    from loopscope.training.config import TrainConfig
     from loopscope.training.evaluation import evaluate
-    from loopscope.training.loop import TrainConfig, save_checkpoint
+    from loopscope.training.loop import save_checkpoint
 
     src, dst = Path(source), Path(destination)
     model = load_looplm(src)

@@ -8,150 +8,22 @@ s is a pure function of (seed, s), so a resumed run sees exactly the data it wou
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import os
-import random
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-RecurrenceSampling = Literal["constant", "huginn"]
-LossKind = Literal["final", "all-recurrences"]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation and data settings; saved beside every checkpoint."""
-
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    recurrence_sampling: RecurrenceSampling = "constant"
-    mean_recurrences: int | None = None
-    max_recurrences: int = 64
-    backprop_depth: int | None = None
-    loss: LossKind = "final"
-    seed: int = 0
-    eval_seed: int = 1
-    min_problem_steps: int = 1
-    max_problem_steps: int = 3
-    eval_every: int = 100
-    eval_problems: int = 64
-    accuracy_problems: int = 16
-    checkpoint_every: int = 100
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def sample_recurrences(step: int, cfg: TrainConfig, train_recurrences: int) -> int:
-    """Recurrences for one step: constant, or Huginn's Poisson-lognormal with the given mean
-    (heavy right tail so the model sees long runs sometimes), seeded by (seed, step)."""
-    if cfg.recurrence_sampling == "constant":
-        return train_recurrences
-    mean = cfg.mean_recurrences or train_recurrences
-    rng = random.Random(derive_seed("recurrences", cfg.seed, step))
-    sigma = 0.5
-    rate = rng.lognormvariate(math.log(mean) - sigma**2 / 2, sigma)
-    return int(min(max(_poisson(rng, rate), 1), cfg.max_recurrences))
-
-
-def _poisson(rng: random.Random, rate: float) -> int:
-    """Knuth's Poisson sampler for small rates, normal approximation for large ones."""
-    if rate > 30:
-        return max(0, round(rng.gauss(rate, math.sqrt(rate))))
-    limit, k, prod = math.exp(-rate), 0, rng.random()
-    while prod > limit:
-        k += 1
-        prod *= rng.random()
-    return k
-
-
-def batch_for_step(
-    step: int, cfg: TrainConfig, context_length: int, seed: int | None = None
-) -> tuple[Tensor, Tensor]:
-    """Token ids (batch, T) and a loss mask for training step ``step``; deterministic."""
-    from loopscope.data import ByteTokenizer, format_training_example, generate_problems
-
-    problems = generate_problems(
-        cfg.batch_size,
-        seed=derive_seed("train", cfg.seed if seed is None else seed, step),
-        min_steps=cfg.min_problem_steps,
-        max_steps=cfg.max_problem_steps,
-    )
-    texts = [format_training_example(p.question, p.answer) for p in problems]
-    return encode_texts(texts, context_length, ByteTokenizer())
-
-
-def derive_seed(stream: str, seed: int, index: int) -> int:
-    """A 63-bit seed for item ``index`` of a named stream: training and evaluation data can
-    never collide, whatever the step count."""
-    digest = hashlib.sha256(f"{stream}:{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def encode_texts(texts: list[str], context_length: int, tokenizer: Any) -> tuple[Tensor, Tensor]:
-    """Right-padded ids with BOS and EOS, truncated to the context; mask marks real tokens."""
-    rows = [tokenizer.encode(t, bos=True, eos=True)[:context_length] for t in texts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = True
-    return ids, mask
-
-
-def lm_loss(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-    """Next-token cross-entropy over real (unpadded) target positions."""
-    targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
-    )
-
-
-def training_loss(
-    model: Any, ids: Tensor, mask: Tensor, recurrences: int, cfg: TrainConfig
-) -> Tensor:
-    out = model(
-        ids,
-        recurrences=recurrences,
-        grad_depth=cfg.backprop_depth,
-        exit_every_recurrence=cfg.loss == "all-recurrences",
-    )
-    if cfg.loss == "all-recurrences":
-        losses = [lm_loss(lg, ids, mask) for lg in out.recurrence_logits]
-        return torch.stack(losses).mean()
-    return lm_loss(out.logits, ids, mask)
+from loopscope.core import atomic
+from loopscope.training.config import TrainConfig, learning_rate, sample_recurrences
+from loopscope.training.objective import batch_for_step, training_loss
 
 
 class TrainingDivergedError(RuntimeError):
@@ -161,17 +33,9 @@ class TrainingDivergedError(RuntimeError):
 # -- checkpoints --------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.chmod(tmp, 0o644)  # readable by every user of a shared install, like the JSON beside it
-    os.replace(tmp, path)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic.write_with(path, lambda name: save_file(cpu, name))
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
@@ -196,8 +60,8 @@ def save_checkpoint(
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     _atomic_save_tensors(tensors, out_dir / "model.safetensors")
-    _atomic_write_text(out_dir / "config.json", model.config.to_json())
-    _atomic_write_text(out_dir / "train_config.json", json.dumps(asdict(train_cfg), indent=2))
+    atomic.write_text(out_dir / "config.json", model.config.to_json())
+    atomic.write_text(out_dir / "train_config.json", json.dumps(asdict(train_cfg), indent=2))
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
@@ -329,7 +193,7 @@ def _save_state(
     save_checkpoint(out, model, cfg)
     _atomic_save_tensors(_optimizer_tensors(optimizer), out / "optimizer.safetensors")
     state = {"step": step, "history": history, "train_config": asdict(cfg)}
-    _atomic_write_text(out / "trainer_state.json", json.dumps(state, indent=2))
+    atomic.write_text(out / "trainer_state.json", json.dumps(state, indent=2))
 
 
 def _maybe_resume(

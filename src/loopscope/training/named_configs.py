@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from loopscope.families.looplm import LoopConfig
-from loopscope.training.loop import TrainConfig
+from loopscope.training.config import TrainConfig
 
 
 @dataclass(frozen=True)
