@@ -59,7 +59,7 @@ def test_hf_checkpoint_uses_its_own_tokenizer_and_trace_records_it(tmp_path: Pat
     assert tokenizer.bos is True
 
     from loopscope.pipeline import trace
-    from loopscope.trace.writer import TraceSettings
+    from loopscope.trace.settings import TraceSettings
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("w1 w2 w3\n")

@@ -11,7 +11,7 @@ Keeping the calls in one file lets a test and a reviewer check that promise in o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from loopscope.core.errors import CheckpointError
 
@@ -54,11 +54,16 @@ def cached_snapshot(repo_id: str) -> Path:
         ) from err
 
 
+def _one_line(err: Exception) -> str:
+    """A library's message on one line: the command line reports each error as one line."""
+    return " ".join(str(err).split())
+
+
 def _refusal(directory: Path, err: Exception) -> CheckpointError:
     return CheckpointError(
         f"{directory}: transformers cannot load this without running code shipped with the "
-        f"checkpoint ({err}); loopscope never runs such code. Use a checkpoint whose classes "
-        "transformers ships, or a loopscope family that reads this layout"
+        f"checkpoint ({_one_line(err)}); loopscope never runs such code. Use a checkpoint whose "
+        "classes transformers ships, or a loopscope family that reads this layout"
     )
 
 
@@ -73,7 +78,9 @@ def auto_tokenizer(directory: Path) -> Any:
     except ValueError as err:
         if "trust_remote_code" in str(err) or "custom code" in str(err):
             raise _refusal(directory, err) from None
-        raise CheckpointError(f"{directory}: its tokenizer cannot be loaded: {err}") from None
+        raise CheckpointError(
+            f"{directory}: its tokenizer cannot be loaded: {_one_line(err)}"
+        ) from None
 
 
 def causal_lm(directory: Path, **options: Any) -> Any:
@@ -82,11 +89,62 @@ def causal_lm(directory: Path, **options: Any) -> Any:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise _hf_extra_missing(f"{directory}") from None
+    from huggingface_hub.errors import StrictDataclassError  # a config field transformers refuses
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is a table; the error below is one line
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            str(directory), use_safetensors=True, **SAFE_LOAD, **options
+        model, loaded = cast(Any, AutoModelForCausalLM).from_pretrained(
+            str(directory),
+            use_safetensors=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported (and refused) below, by name and shape
+            **SAFE_LOAD,
+            **options,
         )
+    except StrictDataclassError as err:
+        raise _unbuildable(directory, err) from err
     except ValueError as err:
         if "trust_remote_code" in str(err) or "custom code" in str(err):
             raise _refusal(directory, err) from None
-        raise
+        raise _unbuildable(directory, err) from err
+    except (TypeError, RuntimeError, ZeroDivisionError, KeyError, AttributeError) as err:
+        if "out of memory" in str(err):  # the machine's limit, not the checkpoint's fault
+            raise
+        raise _unbuildable(directory, err) from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    _refuse_partial_load(directory, loaded)
+    return model
+
+
+def _refuse_partial_load(directory: Path, loaded: dict[str, Any]) -> None:
+    """transformers fills a tensor the weights lack (or mis-shape) with random values and drops
+    one they have in excess; loopscope refuses both, naming every such tensor."""
+    parts = []
+    if loaded.get("missing_keys"):
+        parts.append(f"missing tensors: {', '.join(sorted(loaded['missing_keys']))}")
+    if loaded.get("unexpected_keys"):
+        parts.append(f"unexpected tensors: {', '.join(sorted(loaded['unexpected_keys']))}")
+    if loaded.get("mismatched_keys"):
+        shapes = sorted(
+            f"{key}: checkpoint {tuple(found)} vs model {tuple(wanted)}"
+            for key, found, wanted in loaded["mismatched_keys"]
+        )
+        parts.append(f"mis-shaped tensors: {'; '.join(shapes)}")
+    if parts:
+        raise CheckpointError(
+            f"{directory} does not match its config.json — {' | '.join(parts)}. Check that "
+            "config.json belongs to these weights"
+        )
+
+
+def _unbuildable(directory: Path, err: Exception) -> CheckpointError:
+    """transformers could not build the model from the files: a config field of the wrong type
+    or value, sizes that do not fit together, or weights that do not fit the config."""
+    return CheckpointError(
+        f"{directory}: transformers cannot build the model from its config.json and weights "
+        f"({type(err).__name__}: {_one_line(err)}); correct that field of config.json (compare "
+        "it with the model's published config.json) or download the checkpoint again"
+    )

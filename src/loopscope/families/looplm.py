@@ -1,7 +1,7 @@
 """LoopLM: our configurable looped transformer (p, k⊗l, c), readable top to bottom.
 
-Every architectural choice of SPEC §1 is a field of :class:`LoopConfig`: prelude / block / coda
-sizes, injection, norm scheme, residual scaling, initial state, norm type, MLP type. A
+Every architectural choice of a looped transformer is a field of :class:`LoopConfig`: prelude /
+block / coda sizes, injection, norm scheme, residual scaling, initial state, norm type, MLP type. A
 feedforward model is the same code with p = c = 0, one pass and no injection.
 """
 
@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 import torch
 from torch import Tensor, nn
@@ -25,17 +25,17 @@ from loopscope.engine.contract import (
     LoopedLM,
     LoopLayer,
 )
-from loopscope.families.checkpoint import check_tensors, expected_shapes, read_config, read_tensors
-from loopscope.nn.injection import INJECTIONS, InjectionKind, make_injection
-from loopscope.nn.layers import (
-    NORM_SCHEMES,
-    BlockLayer,
-    MLPType,
-    NormScheme,
-    NormType,
-    Rotary,
-    make_norm,
+from loopscope.families.checkpoint import (
+    ConfigFields,
+    expected_shapes,
+    load_weights,
+    read_config,
+    weight_files,
 )
+from loopscope.nn.injection import INJECTIONS, InjectionKind, make_injection
+from loopscope.nn.layers import NORM_SCHEMES, BlockLayer, MLPType, NormScheme
+from loopscope.nn.norms import NormType, make_norm
+from loopscope.nn.rotary import RopeSpec, RotaryTable
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ class LoopLM(LoopedLM):
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
-        self._rotary_cache: dict[tuple[int, str], Rotary] = {}
+        self._rotary_cache: dict[tuple[int, str], RotaryTable] = {}
         self.reset_parameters(c.init_seed)
 
     def _layer(self) -> BlockLayer:
@@ -228,11 +228,14 @@ class LoopLM(LoopedLM):
             )
         return self.tok_embeddings(input_ids)
 
-    def positions(self, length: int, device: torch.device) -> Rotary:
+    def positions(self, length: int, device: torch.device) -> RotaryTable:
+        """Rotate-half tables for at least ``context_length`` positions, built on ``device``."""
         key = (max(length, self.config.context_length), str(device))
         if key not in self._rotary_cache:
             head_dim = self.config.d_model // self.config.n_heads
-            self._rotary_cache[key] = Rotary(head_dim, key[0], self.config.rope_base, device)
+            inv = RopeSpec("half", self.config.rope_base).inv_freq(head_dim, device)
+            steps = torch.arange(key[0], device=device).float()
+            self._rotary_cache[key] = RotaryTable("half", torch.outer(steps, inv))
         return self._rotary_cache[key]
 
     def inject(self, state: Tensor, inputs: Tensor) -> Tensor:
@@ -268,6 +271,31 @@ def is_looplm_config(config: Mapping[str, Any]) -> bool:
     return "block_layers" in config and "norm_scheme" in config
 
 
+#: LoopConfig fields by what they must hold; LoopConfig itself checks how they fit together.
+_SIZES = ("vocab_size", "d_model", "n_heads", "block_layers", "train_recurrences", "context_length")
+_COUNTS = ("prelude_layers", "coda_layers", "init_seed")
+_POSITIVE = ("mlp_ratio", "rope_base", "norm_eps")
+_NUMBERS = ("residual_scale", "init_std", "adapter_init_noise", "embed_init_std")
+_CHOICES = {"norm_type": get_args(NormType), "mlp_type": get_args(MLPType)}
+
+
+def _check_field_types(raw: Mapping[str, Any]) -> None:
+    """Refuse a config.json field of the wrong type or range, by name, before a model is built
+    from it (a string layer count would otherwise fail deep inside torch)."""
+    fields_ = ConfigFields(raw)
+    for key in raw:
+        if raw[key] is None and key != "recurrence_norm":  # the one field that may be null
+            raise CheckpointError(f"{key} is null; give it its value, or remove it for the default")
+        if key in _SIZES or key in _COUNTS:
+            fields_.integer(key, minimum=1 if key in _SIZES else 0)
+        elif key in _POSITIVE or key in _NUMBERS:
+            fields_.number(key, positive=key in _POSITIVE)
+        elif key == "tie_embeddings" or (key == "recurrence_norm" and raw[key] is not None):
+            fields_.flag(key)
+        elif key in _CHOICES and raw[key] not in _CHOICES[key]:
+            raise CheckpointError(f"{key} must be one of {_CHOICES[key]}, got {raw[key]!r}")
+
+
 def load_looplm(
     directory: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> LoopLM:
@@ -275,12 +303,13 @@ def load_looplm(
     path = Path(directory)
     config_path, raw = read_config(path, "a loopscope")
     try:
+        _check_field_types(raw)
         config = LoopConfig.from_dict(raw)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{config_path}: {err}") from err
     model = LoopLM(config)
-    tensors = read_tensors(path, dtype=torch.float32)
-    check_tensors(expected_shapes(model), tensors, str(path))
-    model.load_state_dict(tensors, strict=False)
+    files = weight_files(path)
+    shapes = expected_shapes(model)
+    load_weights(model, files, source=str(path), dtype=torch.float32, device="cpu", expected=shapes)
     model.eval()
     return model.to(device=device, dtype=dtype)

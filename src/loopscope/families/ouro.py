@@ -38,13 +38,15 @@ from loopscope.engine.contract import FamilyMeta, LoopedLM, LoopLayer
 from loopscope.engine.sites import Site
 from loopscope.families.checkpoint import (
     CheckpointError,
-    check_tensors,
-    read_config,
-    read_tensors,
+    ConfigFields,
+    load_weights,
+    naming_the_file,
+    recognised_config,
     weight_files,
 )
-from loopscope.families.raven import ROPE_TABLE, RavenRMSNorm, RavenRope, RopeSpec
 from loopscope.nn.layers import Edit, causal_attention
+from loopscope.nn.norms import RMSNormCastBeforeGain
+from loopscope.nn.rotary import RopeSpec, RotaryTable
 
 __all__ = [
     "ExitDistribution",
@@ -114,47 +116,54 @@ def is_ouro_config(config: Mapping[str, Any]) -> bool:
     return config.get("model_type") == "ouro" or "OuroForCausalLM" in archs
 
 
-def _get(config: Mapping[str, Any], key: str) -> Any:
-    value = config.get(key)
-    return _DEFAULTS.get(key) if value is None else value
-
-
 def ouro_config_from_dict(config: Mapping[str, Any], name: str = "ouro") -> OuroConfig:
-    """Read the published config.json fields; CheckpointError for settings we do not run."""
-    if _get(config, "hidden_act") != "silu":
+    """Read the published config.json fields; CheckpointError for a field of the wrong type or
+    value and for settings we do not run."""
+    fields = ConfigFields(config, _DEFAULTS)
+    if fields.text("hidden_act") != "silu":
         raise CheckpointError(
             f"Ouro hidden_act {config.get('hidden_act')!r} is not supported; the published "
             "models use 'silu'"
         )
-    scaling = config.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+    scaling = fields.section("rope_scaling")
+    if scaling.raw and scaling.value("rope_type", scaling.value("type", "default")) != "default":
         raise CheckpointError(
-            f"Ouro rope_scaling {scaling!r} is not supported; the published models use none"
+            f"Ouro rope_scaling {dict(scaling.raw)!r} is not supported; the published models "
+            "use none"
         )
     kinds = config.get("layer_types") or []
+    if not isinstance(kinds, list):
+        raise CheckpointError(
+            f'layer_types must be a list such as ["full_attention", ...], got {kinds!r}'
+        )
     sliding = config.get("use_sliding_window") and config.get("sliding_window") is not None
     if sliding or any(kind != "full_attention" for kind in kinds):
         raise CheckpointError(
             "Ouro sliding-window attention is not supported; the published models use full "
             "attention in every layer (use_sliding_window false)"
         )
-    hidden = int(_get(config, "hidden_size"))
-    heads = int(_get(config, "num_attention_heads"))
-    threshold = config.get("early_exit_threshold", _DEFAULTS["early_exit_threshold"])
+    hidden = fields.integer("hidden_size")
+    heads = fields.integer("num_attention_heads")
+    if fields.present("head_dim"):
+        head_dim = fields.integer("head_dim")
+    else:
+        head_dim = fields.head_size("hidden_size", "num_attention_heads")
+    # An explicit null threshold means "no threshold: read the last recurrence".
+    no_threshold = "early_exit_threshold" in config and config["early_exit_threshold"] is None
     return OuroConfig(
         hidden_size=hidden,
-        num_hidden_layers=int(_get(config, "num_hidden_layers")),
+        num_hidden_layers=fields.integer("num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(config.get("head_dim") or hidden // heads),
-        intermediate_size=int(_get(config, "intermediate_size")),
-        vocab_size=int(_get(config, "vocab_size")),
-        rms_norm_eps=float(_get(config, "rms_norm_eps")),
-        rope_theta=float(_get(config, "rope_theta")),
-        max_position_embeddings=int(_get(config, "max_position_embeddings")),
-        tie_word_embeddings=bool(_get(config, "tie_word_embeddings")),
-        total_ut_steps=int(_get(config, "total_ut_steps")),
-        early_exit_threshold=None if threshold is None else float(threshold),
+        num_key_value_heads=fields.integer("num_key_value_heads", heads),
+        head_dim=head_dim,
+        intermediate_size=fields.integer("intermediate_size"),
+        vocab_size=fields.integer("vocab_size"),
+        rms_norm_eps=fields.number("rms_norm_eps", positive=True),
+        rope_theta=fields.number("rope_theta", positive=True),
+        max_position_embeddings=fields.integer("max_position_embeddings"),
+        tie_word_embeddings=fields.flag("tie_word_embeddings"),
+        total_ut_steps=fields.integer("total_ut_steps"),
+        early_exit_threshold=None if no_threshold else fields.number("early_exit_threshold"),
         name=name,
     )
 
@@ -177,7 +186,7 @@ class OuroAttention(nn.Module):
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
     def forward(
-        self, x: Tensor, rope: RavenRope, return_attn: bool = False
+        self, x: Tensor, rope: RotaryTable, return_attn: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -215,13 +224,13 @@ class OuroLayer(nn.Module):
         eps = c.rms_norm_eps
         self.self_attn = OuroAttention(c)
         self.mlp = OuroMLP(c)
-        self.input_layernorm = RavenRMSNorm(c.hidden_size, eps)
-        self.input_layernorm_2 = RavenRMSNorm(c.hidden_size, eps)
-        self.post_attention_layernorm = RavenRMSNorm(c.hidden_size, eps)
-        self.post_attention_layernorm_2 = RavenRMSNorm(c.hidden_size, eps)
+        self.input_layernorm = RMSNormCastBeforeGain(c.hidden_size, eps)
+        self.input_layernorm_2 = RMSNormCastBeforeGain(c.hidden_size, eps)
+        self.post_attention_layernorm = RMSNormCastBeforeGain(c.hidden_size, eps)
+        self.post_attention_layernorm_2 = RMSNormCastBeforeGain(c.hidden_size, eps)
 
     def forward(
-        self, x: Tensor, rope: RavenRope, *, return_attn: bool = False, edit: Edit | None = None
+        self, x: Tensor, rope: RotaryTable, *, return_attn: bool = False, edit: Edit | None = None
     ) -> tuple[Tensor, Tensor | None]:
         a, probs = self.self_attn(self.input_layernorm(x), rope, return_attn)
         a = self.input_layernorm_2(a)
@@ -239,7 +248,7 @@ class _OuroBody(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(OuroLayer(c) for _ in range(c.num_hidden_layers))
-        self.norm = RavenRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.norm = RMSNormCastBeforeGain(c.hidden_size, c.rms_norm_eps)
         self.early_exit_gate = nn.Linear(c.hidden_size, 1, bias=True)
 
 
@@ -267,7 +276,7 @@ class OuroLM(LoopedLM):
         self.model = _OuroBody(c)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.tie_weights()
-        self._rope_cache: dict[tuple[int, str], RavenRope] = {}
+        self._rope_cache: dict[tuple[int, str], RotaryTable] = {}
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -295,12 +304,12 @@ class OuroLM(LoopedLM):
             )
         return cast(Tensor, self.model.embed_tokens(input_ids))
 
-    def positions(self, length: int, device: torch.device) -> RavenRope:
+    def positions(self, length: int, device: torch.device) -> RotaryTable:
         key = (length, str(device))
         if key not in self._rope_cache:
             inv = RopeSpec("half", self.config.rope_theta).inv_freq(self.config.head_dim)
             steps = torch.arange(length, dtype=torch.float32)
-            self._rope_cache[key] = RavenRope("half", torch.outer(steps, inv).to(device))
+            self._rope_cache[key] = RotaryTable("half", torch.outer(steps, inv).to(device))
         return self._rope_cache[key]
 
     def inject(self, state: Tensor, inputs: Tensor) -> Tensor:
@@ -462,24 +471,21 @@ def load_ouro(
     Errors name every missing, unexpected or mis-shaped tensor; pickle-only checkpoints are
     refused. The model is built on the meta device and takes the tensors as its parameters."""
     path = Path(directory)
-    config_path, raw = read_config(path, "an Ouro")
-    if not is_ouro_config(raw):
-        raise CheckpointError(
-            f"{config_path} is not an Ouro config (model_type {raw.get('model_type')!r}, "
-            f"architectures {raw.get('architectures')})"
-        )
-    try:
+    config_path, raw = recognised_config(path, "an Ouro", is_ouro_config)
+    with naming_the_file(config_path):
         config = ouro_config_from_dict(raw, name=raw.get("name") or path.name)
-    except ValueError as err:
-        raise CheckpointError(f"{config_path}: {err}") from err
     files = weight_files(path)
     with torch.device("meta"):
         model = OuroLM(config)
-    tensors = read_tensors(files, dtype, device, exact={ROPE_TABLE})
-    if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)  # tied to model.embed_tokens.weight
-    check_tensors(model.expected_tensors(), tensors, str(path))
-    model.load_state_dict(tensors, strict=False, assign=True)  # names checked just above
+    load_weights(
+        model,
+        files,
+        source=str(path),
+        dtype=dtype,
+        device=device,
+        expected=model.expected_tensors(),
+        tied=("lm_head.weight",) if config.tie_word_embeddings else (),  # model.embed_tokens
+    )
     model.tie_weights()
     model.eval()
     return model

@@ -20,21 +20,22 @@ discarded normal draw. Value embeddings need the prompt's token ids inside every
 :meth:`ParcaeLM.embed` remembers them for the layers of that forward pass (as the authors'
 model does).
 
-Checkpoint: ``config.json`` is the authors' config dataclass (``_class_name: ParcaeConfig``);
-tensor names follow their module tree (``transformer.wte``, ``transformer.prelude.N``,
-``transformer.adapter.{A_log,dt_bias,B}``, ``transformer.core_block.N``, ``transformer.C``,
-``transformer.coda.N``, ``transformer.ln_f``, ``transformer.ln_prelude``, ``value_embeds.N``,
-``lm_head``, ``freqs_cis``). The authors publish pickled weights (``model.pt`` /
-``pytorch_model.bin``); loopscope reads safetensors only, so convert them once.
+Checkpoint: ``config.json`` is the authors' config dataclass (``_class_name: ParcaeConfig``,
+read in :mod:`loopscope.families.parcae_config`); tensor names follow their module tree
+(``transformer.wte``, ``transformer.prelude.N``, ``transformer.adapter.{A_log,dt_bias,B}``,
+``transformer.core_block.N``, ``transformer.C``, ``transformer.coda.N``, ``transformer.ln_f``,
+``transformer.ln_prelude``, ``value_embeds.N``, ``lm_head``, ``freqs_cis``). The authors
+publish pickled weights (``model.pt`` / ``pytorch_model.bin``); loopscope reads safetensors
+only, so convert them once.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,14 +43,21 @@ from torch import Tensor, nn
 
 from loopscope.engine.contract import FamilyMeta, InitState, LoopedLM, LoopLayer
 from loopscope.families.checkpoint import (
-    CheckpointError,
-    check_tensors,
-    read_config,
-    read_tensors,
+    load_weights,
+    naming_the_file,
+    recognised_config,
     weight_files,
 )
-from loopscope.families.raven import RavenRMSNorm, RavenRope, RopeSpec
+from loopscope.families.parcae_config import (
+    NONLINEARITIES,
+    ParcaeConfig,
+    is_parcae_config,
+    parcae_config_from_dict,
+)
+from loopscope.nn.injection import AddInjection, ConcatLinearInjection, DiscretisedDiagonalInjection
 from loopscope.nn.layers import Edit, causal_attention
+from loopscope.nn.norms import RMSNormCastBeforeGain
+from loopscope.nn.rotary import ROPE_TABLE, RopeSpec, RotaryTable
 
 __all__ = [
     "ParcaeConfig",
@@ -59,232 +67,8 @@ __all__ = [
     "parcae_config_from_dict",
 ]
 
-Injection = Literal["diagonal", "linear", "add"]
-StateInit = Literal["like-init", "zero", "normal", "embed", "unit"]
-STATE_INITS: tuple[StateInit, ...] = ("like-init", "zero", "normal", "embed", "unit")
-ROPE_TABLE = "freqs_cis"
 #: Width of the slice of the attention input that drives the value-embedding gate.
 VE_GATE_CHANNELS = 32
-#: Init schemes whose embedding / logit scales are 1 and whose embedding std is √(2 / 5d): the
-#: only numbers of the init scheme that matter once weights are loaded.
-SCALED_INITS = ("scaled", "scaled-zero", "scaled-geiping")
-
-# Defaults of the authors' config dataclasses: a field missing from config.json takes these.
-_DEFAULTS: dict[str, Any] = {
-    "block_size": 4096,
-    "n_embd": 4096,
-    "num_attention_heads": 32,
-    "vocab_size": 50254,
-    "padding_multiple": 512,
-    "norm_class_name": "LayerNorm",
-    "block_class_name": "TransformerPreNormBlock",
-    "norm_eps": 1e-5,
-    "mlp_class_name": "BaseMLP",
-    "nonlin_name": "GELU",
-    "bias": False,
-    "qk_bias": False,
-    "qk_norm": False,
-    "init_strategy": "scaled",
-    "mup_model_scaling_factor": 1,
-    "use_fused_head": "pytorch",
-    "injection_type": "diagonal",
-    "n_layers_in_recurrent_block": 4,
-    "n_layers_in_prelude": 1,
-    "n_layers_in_coda": 1,
-    "state_init": "like-init",
-    "recurrent_embedding_dimension": 1024,
-    "recurrent_intermediation_embedding_dimension": 3520,
-    "prelude_norm": False,
-    "mean_recurrence": 32,
-    "mean_backprop_depth": 8,
-    "tie_embeddings": False,
-}
-_ROPE_DEFAULTS = {"use_rope": True, "rope_condense_ratio": 1, "rope_base": 50_000}
-
-
-def _relu2(x: Tensor) -> Tensor:
-    return F.relu(x).pow(2).mul(0.5)
-
-
-#: Activations by the names the authors' config uses (``nonlin_name``).
-NONLINEARITIES: dict[str, Callable[[Tensor], Tensor]] = {
-    "ReLU2": _relu2,
-    "GELU": F.gelu,
-    "SiLU": F.silu,
-    "ReLU": F.relu,
-    "Tanh": torch.tanh,
-}
-
-
-# --------------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class ParcaeConfig:
-    """What our model needs from a Parcae config.json (the authors' defaults applied)."""
-
-    n_embd: int
-    n_heads: int
-    n_kv_heads: int
-    intermediate_size: int
-    rec_dim: int
-    rec_heads: int
-    rec_intermediate_size: int
-    vocab_size: int  # padded, as the embedding and the head are
-    n_layers_in_prelude: int
-    n_layers_in_recurrent_block: int
-    n_layers_in_coda: int
-    mean_recurrence: int
-    mean_backprop_depth: int
-    injection_type: Injection
-    state_init: StateInit
-    prelude_norm: bool
-    qk_norm: bool
-    qk_bias: bool
-    bias: bool
-    clip_qkv: float | None
-    norm_eps: float
-    gated_mlp: bool
-    nonlin: str
-    tie_embeddings: bool
-    block_size: int
-    rope_table_length: int
-    use_rope: bool
-    rope_base: float
-    rope_condense_ratio: float
-    logit_softcap: float | None
-    state_std: float
-    name: str = "parcae"
-
-    def __post_init__(self) -> None:
-        for width, heads, what in (
-            (self.n_embd, self.n_heads, "n_embd / num_attention_heads"),
-            (self.rec_dim, self.rec_heads, "recurrent_embedding_dimension / recurrent heads"),
-        ):
-            if width % heads:
-                raise ValueError(f"{what} = {width} / {heads} is not a whole head size")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"num_attention_heads={self.n_heads} is not a multiple of "
-                f"num_key_value_heads={self.n_kv_heads}"
-            )
-        if self.head_dim != self.rec_dim // self.rec_heads:
-            raise ValueError(
-                "the core block's head size must equal the prelude's (one rotary table serves "
-                f"both), got {self.rec_dim // self.rec_heads} and {self.head_dim}"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head size, got {self.head_dim}")
-        if self.injection_type == "add" and self.rec_dim != self.n_embd:
-            raise ValueError("additive injection needs recurrent_embedding_dimension = n_embd")
-        if self.n_layers_in_recurrent_block < 1:
-            raise ValueError("n_layers_in_recurrent_block must be ≥ 1")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_heads
-
-    @property
-    def ve_dim(self) -> int:
-        """Width of a value embedding: the prelude's key/value width."""
-        return self.n_kv_heads * self.head_dim
-
-    @property
-    def n_effective_layers(self) -> int:
-        return self.n_layers_in_prelude + self.n_layers_in_recurrent_block + self.n_layers_in_coda
-
-
-def is_parcae_config(config: Mapping[str, Any]) -> bool:
-    """True for a config.json written by the authors' Parcae code (never a raven/Huginn one,
-    which shares some field names but has none of Parcae's recurrent-state fields)."""
-    if config.get("model_type") == "huginn_raven":
-        return False
-    if config.get("_class_name") == "ParcaeConfig" or config.get("model_class_name") == "Parcae":
-        return True
-    return "recurrent_embedding_dimension" in config and "injection_type" in config
-
-
-def _get(config: Mapping[str, Any], key: str) -> Any:
-    value = config.get(key)
-    return _DEFAULTS.get(key) if value is None else value
-
-
-def _find_multiple(n: int, k: int) -> int:
-    return n if n % k == 0 else n + k - n % k
-
-
-def _check_supported(config: Mapping[str, Any]) -> None:
-    """CheckpointError for the settings of the authors' code that we do not run."""
-    checks = [
-        (_get(config, "block_class_name") == "TransformerPreNormBlock", "block_class_name"),
-        (_get(config, "norm_class_name") == "RMSNorm", "norm_class_name"),
-        (_get(config, "mlp_class_name") in ("BaseMLP", "GatedMLP"), "mlp_class_name"),
-        (_get(config, "nonlin_name") in NONLINEARITIES, "nonlin_name"),
-        (_get(config, "injection_type") in ("diagonal", "linear", "add"), "injection_type"),
-        (_get(config, "state_init") in STATE_INITS, "state_init"),
-        (_get(config, "use_fused_head") in ("pytorch", "cce"), "use_fused_head"),
-        (int(_get(config, "mup_model_scaling_factor")) == 1, "mup_model_scaling_factor"),
-        (_get(config, "init_strategy") in SCALED_INITS, "init_strategy"),
-    ]
-    bad = [f"{key}={config.get(key, _DEFAULTS.get(key))!r}" for ok, key in checks if not ok]
-    if bad:
-        raise CheckpointError(
-            f"Parcae settings not supported by loopscope: {', '.join(bad)}. Supported: "
-            "TransformerPreNormBlock, RMSNorm, BaseMLP/GatedMLP with "
-            f"{sorted(NONLINEARITIES)}, injection diagonal/linear/add, state_init {STATE_INITS}, "
-            f"use_fused_head pytorch/cce, mup_model_scaling_factor 1, init_strategy {SCALED_INITS}"
-        )
-
-
-def parcae_config_from_dict(config: Mapping[str, Any], name: str = "parcae") -> ParcaeConfig:
-    """Read the published config.json fields; CheckpointError for settings we do not run and
-    ValueError for inconsistent sizes."""
-    _check_supported(config)
-    n_embd = int(_get(config, "n_embd"))
-    heads = int(_get(config, "num_attention_heads"))
-    rec_heads = int(config.get("recurrent_num_attention_heads") or heads)
-    padded = config.get("padded_vocab_size")
-    vocab = (
-        int(padded)
-        if padded
-        else _find_multiple(int(_get(config, "vocab_size")), int(_get(config, "padding_multiple")))
-    )
-    rope = {**_ROPE_DEFAULTS, **(config.get("rope_settings") or {})}
-    block_size = int(_get(config, "block_size"))
-    softcap = config.get("logit_softcap")
-    clip = config.get("clip_qkv")
-    return ParcaeConfig(
-        n_embd=n_embd,
-        n_heads=heads,
-        n_kv_heads=int(config.get("num_key_value_heads") or heads),
-        intermediate_size=int(config.get("intermediate_size") or 4 * n_embd),
-        rec_dim=int(_get(config, "recurrent_embedding_dimension")),
-        rec_heads=rec_heads,
-        rec_intermediate_size=int(_get(config, "recurrent_intermediation_embedding_dimension")),
-        vocab_size=vocab,
-        n_layers_in_prelude=int(_get(config, "n_layers_in_prelude")),
-        n_layers_in_recurrent_block=int(_get(config, "n_layers_in_recurrent_block")),
-        n_layers_in_coda=int(_get(config, "n_layers_in_coda")),
-        mean_recurrence=int(_get(config, "mean_recurrence")),
-        mean_backprop_depth=int(_get(config, "mean_backprop_depth")),
-        injection_type=cast(Injection, _get(config, "injection_type")),
-        state_init=cast(StateInit, _get(config, "state_init")),
-        prelude_norm=bool(_get(config, "prelude_norm")),
-        qk_norm=bool(_get(config, "qk_norm")),
-        qk_bias=bool(_get(config, "qk_bias")),
-        bias=bool(_get(config, "bias")),
-        clip_qkv=None if clip is None else float(clip),
-        norm_eps=float(_get(config, "norm_eps")),
-        gated_mlp=_get(config, "mlp_class_name") == "GatedMLP",
-        nonlin=str(_get(config, "nonlin_name")),
-        tie_embeddings=bool(_get(config, "tie_embeddings")),
-        block_size=block_size,
-        rope_table_length=int(config.get("randomize_positions_from") or block_size),
-        use_rope=bool(rope["use_rope"]),
-        rope_base=float(rope["rope_base"]),
-        rope_condense_ratio=float(rope["rope_condense_ratio"]),
-        logit_softcap=None if softcap is None else float(softcap),
-        state_std=math.sqrt(2 / (5 * n_embd)),
-        name=name,
-    )
 
 
 def has_value_embedding(index: int, n_layers: int) -> bool:
@@ -321,7 +105,7 @@ class ParcaeAttention(nn.Module):
         self.ve_gate = nn.Linear(VE_GATE_CHANNELS, w.kv_heads, bias=False) if value_gate else None
 
     def forward(
-        self, x: Tensor, rope: RavenRope | None, ve: Tensor | None, return_attn: bool = False
+        self, x: Tensor, rope: RotaryTable | None, ve: Tensor | None, return_attn: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         b, t, d = x.shape
         q = self.c_q(x).view(b, t, self.n_heads, self.head_dim)
@@ -366,15 +150,15 @@ class ParcaeLayer(nn.Module):
 
     def __init__(self, c: ParcaeConfig, w: _Width, value_gate: bool) -> None:
         super().__init__()
-        self.norm_1 = RavenRMSNorm(w.dim, c.norm_eps)
+        self.norm_1 = RMSNormCastBeforeGain(w.dim, c.norm_eps)
         self.attn = ParcaeAttention(c, w, value_gate)
-        self.norm_2 = RavenRMSNorm(w.dim, c.norm_eps)
+        self.norm_2 = RMSNormCastBeforeGain(w.dim, c.norm_eps)
         self.mlp = ParcaeMLP(c, w)
 
     def forward(
         self,
         x: Tensor,
-        rope: RavenRope | None,
+        rope: RotaryTable | None,
         ve: Tensor | None = None,
         *,
         return_attn: bool = False,
@@ -388,48 +172,12 @@ class ParcaeLayer(nn.Module):
         return m + x, probs
 
 
-class DiagonalInjection(nn.Module):
-    """h ← exp(−softplus(dt_bias)·exp(A_log)) ⊙ h + softplus(dt_bias) ⊙ (B e)."""
-
-    def __init__(self, state_dim: int, input_dim: int) -> None:
-        super().__init__()
-        self.A_log = nn.Parameter(torch.zeros(state_dim))
-        self.dt_bias = nn.Parameter(torch.zeros(state_dim))
-        self.B = nn.Parameter(torch.zeros(state_dim, input_dim))
-
-    def decay(self) -> Tensor:
-        """Per-channel retention of the state, in (0, 1)."""
-        return torch.exp(-F.softplus(self.dt_bias) * torch.exp(self.A_log))
-
-    def forward(self, state: Tensor, inputs: Tensor) -> Tensor:
-        dt = F.softplus(self.dt_bias)
-        decay = torch.exp(-dt * torch.exp(self.A_log))
-        return state * decay + dt * (inputs @ self.B.T)
-
-
-class LinearInjection(nn.Module):
-    """W·[h; e] (``adapter.adapter``)."""
-
-    def __init__(self, state_dim: int, input_dim: int, bias: bool) -> None:
-        super().__init__()
-        self.adapter = nn.Linear(state_dim + input_dim, state_dim, bias=bias)
-
-    def forward(self, state: Tensor, inputs: Tensor) -> Tensor:
-        return cast(Tensor, self.adapter(torch.cat([state, inputs], dim=-1)))
-
-
-class AddInjection(nn.Module):
-    """h + e."""
-
-    def forward(self, state: Tensor, inputs: Tensor) -> Tensor:
-        return state + inputs
-
-
 def _make_injection(c: ParcaeConfig) -> nn.Module:
+    """``transformer.adapter``: the config's injection between the state and the input."""
     if c.injection_type == "diagonal":
-        return DiagonalInjection(c.rec_dim, c.n_embd)
+        return DiscretisedDiagonalInjection(c.rec_dim, c.n_embd)
     if c.injection_type == "linear":
-        return LinearInjection(c.rec_dim, c.n_embd, c.bias)
+        return ConcatLinearInjection(c.rec_dim, c.n_embd, c.bias)
     return AddInjection()
 
 
@@ -507,10 +255,10 @@ class ParcaeLM(LoopedLM):
             "core_block": stack(inner, range(p, p + k)),
             "C": nn.Linear(c.rec_dim, c.n_embd, bias=c.bias),
             "coda": stack(outer, range(coda_start, coda_start + c.n_layers_in_coda)),
-            "ln_f": RavenRMSNorm(c.n_embd, c.norm_eps),
+            "ln_f": RMSNormCastBeforeGain(c.n_embd, c.norm_eps),
         }
         if c.prelude_norm:
-            modules["ln_prelude"] = RavenRMSNorm(c.n_embd, c.norm_eps)
+            modules["ln_prelude"] = RMSNormCastBeforeGain(c.n_embd, c.norm_eps)
         self.transformer = nn.ModuleDict(modules)
         n_eff = c.n_effective_layers
         self.value_embeds = nn.ModuleDict(
@@ -523,7 +271,7 @@ class ParcaeLM(LoopedLM):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.tie_weights()
         self.rope_table: Tensor | None = None  # the checkpoint's freqs_cis, when it has one
-        self._rope_cache: dict[tuple[int, str], RavenRope] = {}
+        self._rope_cache: dict[tuple[int, str], RotaryTable] = {}
         self._ids: Tensor | None = None
         self._calls = self._layer_calls()
 
@@ -609,18 +357,18 @@ class ParcaeLM(LoopedLM):
             )
         return cast(Tensor, self.value_embeds[key](ids.to(x.device))).to(x.dtype)
 
-    def positions(self, length: int, device: torch.device) -> RavenRope | None:
+    def positions(self, length: int, device: torch.device) -> RotaryTable | None:
         if not self.config.use_rope:
             return None
         key = (length, str(device))
         if key not in self._rope_cache:
             if self.rope_table is not None:
-                rope = RavenRope.from_table(self.rope_table[:, :length].to(device))
+                rope = RotaryTable.from_table(self.rope_table[:, :length].to(device))
             else:
                 c = self.config
                 inv = RopeSpec("pairs", c.rope_base).inv_freq(c.head_dim)
                 steps = torch.arange(length, dtype=torch.float32) / c.rope_condense_ratio
-                rope = RavenRope("pairs", torch.outer(steps, inv).to(device))
+                rope = RotaryTable("pairs", torch.outer(steps, inv).to(device))
             self._rope_cache[key] = rope
         return self._rope_cache[key]
 
@@ -670,13 +418,15 @@ class ParcaeLM(LoopedLM):
 
     def final_norm_weight(self) -> Tensor:
         """Gain of ``ln_f``, which sits between the residual stream and the unembedding."""
-        return cast(RavenRMSNorm, self.transformer["ln_f"]).weight
+        return cast(RMSNormCastBeforeGain, self.transformer["ln_f"]).weight
 
     def injection_decay(self) -> Tensor | None:
         """exp(−Δ·A) per state channel for the diagonal injection (the linear part's spectrum),
         else None."""
         adapter = self.transformer["adapter"]
-        return adapter.decay().detach() if isinstance(adapter, DiagonalInjection) else None
+        return (
+            adapter.decay().detach() if isinstance(adapter, DiscretisedDiagonalInjection) else None
+        )
 
     def expected_tensors(self) -> dict[str, torch.Size]:
         """Checkpoint tensor names and shapes (a tied lm_head is not expected)."""
@@ -695,29 +445,25 @@ def load_parcae(
     does; errors name every missing, unexpected or mis-shaped tensor; pickle-only checkpoints
     (the form the authors publish) are refused with the conversion to do."""
     path = Path(directory)
-    config_path, raw = read_config(path, "a Parcae")
-    if not is_parcae_config(raw):
-        raise CheckpointError(f"{config_path} is not a Parcae config (no _class_name ParcaeConfig)")
-    try:
+    config_path, raw = recognised_config(path, "a Parcae", is_parcae_config)
+    with naming_the_file(config_path):
         config = parcae_config_from_dict(raw, name=raw.get("name") or path.name)
-    except ValueError as err:
-        raise CheckpointError(f"{config_path}: {err}") from err
     files = weight_files(path)
     with torch.device("meta"):
         model = ParcaeLM(config)
-    tensors = read_tensors(files, dtype, device, exact={ROPE_TABLE})
-    table = tensors.pop(ROPE_TABLE, None)
-    if config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)  # tied to transformer.wte.weight
-    expected = model.expected_tensors()
-    if table is not None:
-        shape = (1, config.rope_table_length, 1, config.head_dim // 2, 2)
-        expected[ROPE_TABLE] = torch.Size(shape)
-        tensors[ROPE_TABLE] = table
-    check_tensors(expected, tensors, str(path))
-    tensors.pop(ROPE_TABLE, None)
-    model.load_state_dict(tensors, strict=False, assign=True)  # names checked just above
+    table_shape = torch.Size((1, config.rope_table_length, 1, config.head_dim // 2, 2))
+    aside = load_weights(
+        model,
+        files,
+        source=str(path),
+        dtype=dtype,
+        device=device,
+        expected=model.expected_tensors(),
+        tied=("lm_head.weight",) if config.tie_embeddings else (),  # transformer.wte.weight
+        set_aside={ROPE_TABLE: table_shape},
+    )
     model.tie_weights()
+    table = aside.get(ROPE_TABLE)
     model.rope_table = None if table is None else table.float()
     model.eval()
     return model

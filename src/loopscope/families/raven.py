@@ -31,27 +31,24 @@ from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from loopscope.engine.contract import FamilyMeta, InitState, LoopedLM, LoopLayer
 from loopscope.families.checkpoint import (
     CheckpointError,
-    check_tensors,
-    read_config,
-    read_tensors,
+    ConfigFields,
+    load_weights,
+    naming_the_file,
+    recognised_config,
+    tensor_names,
     weight_files,
 )
 from loopscope.nn.layers import Edit, causal_attention
+from loopscope.nn.norms import RMSNormCastBeforeGain
+from loopscope.nn.rotary import ROPE_TABLE, RopeSpec, RotaryTable
 
 RavenVariant = Literal["huginn", "llama", "olmo2"]
 RAVEN_VARIANTS: tuple[RavenVariant, ...] = ("huginn", "llama", "olmo2")
-RopeStyle = Literal["pairs", "half"]
-
-#: Tensors a raven checkpoint may carry besides the parameters: Huginn's rotary table (used
-#: when present, exactly as the reference loads it into its buffer).
-ROPE_TABLE = "freqs_cis"
-
 # Defaults of the reference configuration class: a field missing from config.json takes these.
 _DEFAULTS: dict[str, Any] = {
     "n_embd": 5280,
@@ -74,37 +71,6 @@ _ALIASES = {"num_attention_heads": "n_heads", "hidden_size": "n_embd"}
 
 
 # --------------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class RopeSpec:
-    """Rotary embedding: channel pairing (``pairs`` = Huginn's adjacent pairs, ``half`` = Hugging
-    Face's rotate-half), base, and Llama-3 frequency scaling (None = plain)."""
-
-    style: RopeStyle
-    base: float
-    scaling: tuple[tuple[str, float], ...] | None = None
-
-    def inv_freq(self, head_dim: int) -> Tensor:
-        """Per-pair angular frequencies (head_dim/2,), float32."""
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
-        inv = 1.0 / (self.base**exponents)
-        if self.scaling is None:
-            return inv
-        return _llama3_scaled(inv, dict(self.scaling))
-
-
-def _llama3_scaled(inv: Tensor, s: dict[str, float]) -> Tensor:
-    """Llama-3 context extension: long wavelengths are slowed by ``factor``, short ones kept, the
-    band between blended linearly in 1/wavelength."""
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_context = s["original_max_position_embeddings"]
-    wavelength = 2 * math.pi / inv
-    slowed = torch.where(wavelength > old_context / low, inv / factor, inv)
-    blend = (old_context / wavelength - low) / (high - low)
-    blended = (1 - blend) * slowed / factor + blend * slowed
-    in_band = ~(wavelength < old_context / high) & ~(wavelength > old_context / low)
-    return torch.where(in_band, blended, slowed)
-
-
 @dataclass(frozen=True)
 class RavenConfig:
     """What our model needs from a raven config.json, with the reference's defaults applied."""
@@ -186,142 +152,82 @@ def _drop_converter_leftovers(tensors: dict[str, Tensor], variant: RavenVariant)
             del tensors[name]
 
 
-def _field(config: Mapping[str, Any], key: str) -> Any:
-    """A config value by its raven name, else by its Hugging Face alias, else the default."""
-    if key in config:
-        return config[key]
-    aliases = [alias for alias, canonical in _ALIASES.items() if canonical == key]
-    for alias in aliases:
-        if alias in config:
-            return config[alias]
-    return _DEFAULTS.get(key)
-
-
-def _rope_spec(config: Mapping[str, Any], variant: RavenVariant) -> RopeSpec:
+def _rope_spec(fields: ConfigFields, variant: RavenVariant) -> RopeSpec:
     if variant == "huginn":
-        return RopeSpec("pairs", float(_field(config, "rope_base")))
-    if "rope_theta" not in config:
+        return RopeSpec("pairs", fields.number("rope_base", positive=True))
+    if not fields.present("rope_theta"):
         raise CheckpointError(
             f"config.json of a retrofitted ({variant}) raven checkpoint needs rope_theta"
         )
-    scaling = config.get("rope_scaling")
-    if scaling is None:
-        return RopeSpec("half", float(config["rope_theta"]))
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return RopeSpec("half", float(config["rope_theta"]))
+    theta = fields.number("rope_theta", positive=True)
+    scaling = fields.section("rope_scaling")
+    kind = scaling.text("rope_type", scaling.value("type", "default"))
+    if not scaling.raw or kind == "default":
+        return RopeSpec("half", theta)
     if kind != "llama3":
         raise CheckpointError(
             f"rope_scaling type {kind!r} is not supported for raven checkpoints; only 'llama3' "
             "(Llama-3.2) and none are"
         )
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    missing = [k for k in keys if k not in scaling]
+    missing = [k for k in keys if not scaling.present(k)]
     if missing:
         raise CheckpointError(f"rope_scaling (llama3) lacks {missing}")
-    return RopeSpec(
-        "half", float(config["rope_theta"]), tuple((k, float(scaling[k])) for k in keys)
-    )
+    return RopeSpec("half", theta, tuple((k, scaling.number(k, positive=True)) for k in keys))
 
 
 def raven_config_from_dict(
     config: Mapping[str, Any], variant: RavenVariant, name: str = "raven"
 ) -> RavenConfig:
     """Read the published config.json fields (reference defaults for missing ones); raises
-    CheckpointError for settings we do not run and ValueError for inconsistent sizes."""
-    if float(config.get("test_time_noise", 0) or 0) != 0:
+    CheckpointError for a field of the wrong type or value and settings we do not run, and
+    ValueError for inconsistent sizes."""
+    fields = ConfigFields(config, _DEFAULTS, _ALIASES)
+    if fields.number("test_time_noise", 0) != 0:
         raise CheckpointError(
             "config.json sets test_time_noise; loopscope runs the deterministic model only — set "
             "it to 0"
         )
-    n_embd = int(_field(config, "n_embd"))
-    n_heads = int(_field(config, "n_heads"))
-    head_dim = (
-        n_embd // n_heads if variant != "olmo2" else int(config.get("head_dim", n_embd // n_heads))
-    )
-    init_values = config.get("init_values") or {}
+    n_embd = fields.integer("n_embd")
+    n_heads = fields.integer("n_heads")
+    if variant == "olmo2" and fields.present("head_dim"):
+        head_dim = fields.integer("head_dim")
+    else:
+        head_dim = fields.head_size("n_embd", "n_heads")
+    init_values = fields.section("init_values")
     if variant == "huginn":
         embed_scale = math.sqrt(n_embd)  # Huginn's code always scales by √d
     else:
-        embed_scale = float(init_values.get("embed_scale", math.sqrt(n_embd)))
-    block_size = int(_field(config, "block_size"))
+        embed_scale = init_values.number("embed_scale", math.sqrt(n_embd))
+    block_size = fields.integer("block_size")
     context = (
-        block_size
-        if variant == "huginn"
-        else int(config.get("max_position_embeddings", block_size))
+        block_size if variant == "huginn" else fields.integer("max_position_embeddings", block_size)
     )
     return RavenConfig(
         variant=variant,
         n_embd=n_embd,
         n_heads=n_heads,
-        n_kv_heads=int(config.get("num_key_value_heads", n_heads)),
+        n_kv_heads=fields.integer("num_key_value_heads", n_heads),
         head_dim=head_dim,
-        intermediate_size=int(_field(config, "intermediate_size")),
-        vocab_size=int(config.get("padded_vocab_size", _field(config, "vocab_size"))),
-        n_layers_in_prelude=int(_field(config, "n_layers_in_prelude")),
-        n_layers_in_recurrent_block=int(_field(config, "n_layers_in_recurrent_block")),
-        n_layers_in_coda=int(_field(config, "n_layers_in_coda")),
-        mean_recurrence=int(_field(config, "mean_recurrence")),
-        tie_embeddings=bool(_field(config, "tie_embeddings")),
-        qk_bias=bool(_field(config, "qk_bias")),
-        adapter_bias=bool(_field(config, "bias")),
-        norm_eps=float(_field(config, "norm_eps")),
-        rope=_rope_spec(config, variant),
+        intermediate_size=fields.integer("intermediate_size"),
+        vocab_size=fields.integer("padded_vocab_size", fields.integer("vocab_size")),
+        n_layers_in_prelude=fields.integer("n_layers_in_prelude", minimum=0),
+        n_layers_in_recurrent_block=fields.integer("n_layers_in_recurrent_block"),
+        n_layers_in_coda=fields.integer("n_layers_in_coda", minimum=0),
+        mean_recurrence=fields.integer("mean_recurrence"),
+        tie_embeddings=fields.flag("tie_embeddings"),
+        qk_bias=fields.flag("qk_bias"),
+        adapter_bias=fields.flag("bias"),
+        norm_eps=fields.number("norm_eps", positive=True),
+        rope=_rope_spec(fields, variant),
         context_length=context,
         embed_scale=embed_scale,
-        state_std=float(init_values.get("std", math.sqrt(2 / (5 * n_embd)))),
+        state_std=init_values.number("std", math.sqrt(2 / (5 * n_embd))),
         name=name,
     )
 
 
 # --------------------------------------------------------------------------------- layers
-class RavenRMSNorm(nn.Module):
-    """RMS norm as the reference computes it: normalise in fp32, cast back, then apply the gain."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
-
-
-class RavenRope:
-    """Rotary tables for ``length`` positions (float32) in one of the two pairings."""
-
-    def __init__(self, style: RopeStyle, angles: Tensor) -> None:
-        self.style = style
-        self.cos = angles.cos()
-        self.sin = angles.sin()
-
-    @classmethod
-    def from_table(cls, table: Tensor) -> RavenRope:
-        """From Huginn's stored ``freqs_cis`` (1, T, 1, head_dim/2, 2) = (cos, sin)."""
-        rope = cls.__new__(cls)
-        rope.style = "pairs"
-        rope.cos = table[0, :, 0, :, 0].float()
-        rope.sin = table[0, :, 0, :, 1].float()
-        return rope
-
-    def apply(self, x: Tensor) -> Tensor:
-        """Rotate ``x`` of shape (batch, heads, T, head_dim)."""
-        t = x.shape[-2]
-        cos, sin = self.cos[:t].to(x.device), self.sin[:t].to(x.device)
-        if self.style == "pairs":  # Huginn: adjacent channels (2i, 2i+1), computed in fp32
-            pairs = x.float().unflatten(-1, (-1, 2))
-            a, b = pairs[..., 0], pairs[..., 1]
-            out = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
-            return out.type_as(x)
-        cos2 = torch.cat([cos, cos], dim=-1).to(x.dtype)  # Hugging Face: rotate-half, in x's dtype
-        sin2 = torch.cat([sin, sin], dim=-1).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos2 + rotated * sin2
-
-
 class RavenAttention(nn.Module):
     """Causal self-attention with fused qkv (``Wqkv``), optional q/k bias and q/k norms, GQA."""
 
@@ -332,12 +238,12 @@ class RavenAttention(nn.Module):
         self.splits = [q_dim, kv_dim, kv_dim]
         self.Wqkv = nn.Linear(c.n_embd, q_dim + 2 * kv_dim, bias=False)
         self.qk_bias = nn.Parameter(torch.zeros(2, 1, c.n_heads, c.head_dim)) if c.qk_bias else None
-        self.q_norm = RavenRMSNorm(q_dim, c.norm_eps) if c.variant == "olmo2" else None
-        self.k_norm = RavenRMSNorm(kv_dim, c.norm_eps) if c.variant == "olmo2" else None
+        self.q_norm = RMSNormCastBeforeGain(q_dim, c.norm_eps) if c.variant == "olmo2" else None
+        self.k_norm = RMSNormCastBeforeGain(kv_dim, c.norm_eps) if c.variant == "olmo2" else None
         self.proj = nn.Linear(q_dim, c.n_embd, bias=False)
 
     def forward(
-        self, x: Tensor, rope: RavenRope, return_attn: bool = False
+        self, x: Tensor, rope: RotaryTable, return_attn: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         b, t, _ = x.shape
         q, k, v = self.Wqkv(x).split(self.splits, dim=-1)
@@ -375,16 +281,16 @@ class RavenLayer(nn.Module):
     def __init__(self, c: RavenConfig) -> None:
         super().__init__()
         self.variant = c.variant
-        self.norm_1 = RavenRMSNorm(c.n_embd, c.norm_eps)
+        self.norm_1 = RMSNormCastBeforeGain(c.n_embd, c.norm_eps)
         self.attn = RavenAttention(c)
-        self.norm_2 = RavenRMSNorm(c.n_embd, c.norm_eps)
+        self.norm_2 = RMSNormCastBeforeGain(c.n_embd, c.norm_eps)
         self.mlp = RavenMLP(c)
         huginn = c.variant == "huginn"
-        self.norm_3 = RavenRMSNorm(c.n_embd, c.norm_eps) if huginn else None
-        self.norm_4 = RavenRMSNorm(c.n_embd, c.norm_eps) if huginn else None
+        self.norm_3 = RMSNormCastBeforeGain(c.n_embd, c.norm_eps) if huginn else None
+        self.norm_4 = RMSNormCastBeforeGain(c.n_embd, c.norm_eps) if huginn else None
 
     def forward(
-        self, x: Tensor, rope: RavenRope, *, return_attn: bool = False, edit: Edit | None = None
+        self, x: Tensor, rope: RotaryTable, *, return_attn: bool = False, edit: Edit | None = None
     ) -> tuple[Tensor, Tensor | None]:
         if self.norm_3 is not None and self.norm_4 is not None:  # huginn sandwich
             a, probs = self.attn(self.norm_1(x), rope, return_attn)
@@ -417,7 +323,7 @@ class _NormThenLayer:
         self.layer = layer
 
     def __call__(
-        self, x: Tensor, rope: RavenRope, *, return_attn: bool = False, edit: Edit | None = None
+        self, x: Tensor, rope: RotaryTable, *, return_attn: bool = False, edit: Edit | None = None
     ) -> tuple[Tensor, Tensor | None]:
         return self.layer(self.norm(x), rope, return_attn=return_attn, edit=edit)
 
@@ -456,7 +362,7 @@ class RavenLM(LoopedLM):
                     RavenLayer(c) for _ in range(c.n_layers_in_recurrent_block)
                 ),
                 "coda": nn.ModuleList(RavenLayer(c) for _ in range(c.n_layers_in_coda)),
-                "ln_f": RavenRMSNorm(c.n_embd, c.norm_eps),
+                "ln_f": RMSNormCastBeforeGain(c.n_embd, c.norm_eps),
             }
         )
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
@@ -464,7 +370,7 @@ class RavenLM(LoopedLM):
         self.rope_table: Tensor | None = (
             None  # Huginn's stored freqs_cis, when the checkpoint has one
         )
-        self._rope_cache: dict[tuple[int, str], RavenRope] = {}
+        self._rope_cache: dict[tuple[int, str], RotaryTable] = {}
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
@@ -503,15 +409,15 @@ class RavenLM(LoopedLM):
         x = self.transformer["wte"](input_ids)
         return x * self.config.embed_scale if self.config.embed_scale != 1 else x
 
-    def positions(self, length: int, device: torch.device) -> RavenRope:
+    def positions(self, length: int, device: torch.device) -> RotaryTable:
         key = (length, str(device))
         if key not in self._rope_cache:
             if self.rope_table is not None:
-                rope = RavenRope.from_table(self.rope_table[:, :length].to(device))
+                rope = RotaryTable.from_table(self.rope_table[:, :length].to(device))
             else:
                 inv = self.config.rope.inv_freq(self.config.head_dim).to(device)
                 angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv)
-                rope = RavenRope(self.config.rope.style, angles)
+                rope = RotaryTable(self.config.rope.style, angles)
             self._rope_cache[key] = rope
         return self._rope_cache[key]
 
@@ -545,7 +451,7 @@ class RavenLM(LoopedLM):
 
     def final_norm_weight(self) -> Tensor:
         """Gain of ``ln_f``, which sits between the residual stream and the unembedding."""
-        return cast(RavenRMSNorm, self.transformer["ln_f"]).weight
+        return cast(RMSNormCastBeforeGain, self.transformer["ln_f"]).weight
 
     def expected_tensors(self) -> dict[str, torch.Size]:
         """Checkpoint tensor names and shapes (a tied lm_head is not expected)."""
@@ -553,14 +459,6 @@ class RavenLM(LoopedLM):
 
 
 # --------------------------------------------------------------------------------- loading
-def _tensor_names(files: Sequence[Path]) -> list[str]:
-    names: list[str] = []
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            names.extend(handle.keys())
-    return names
-
-
 def load_raven(
     directory: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -572,36 +470,31 @@ def load_raven(
 
     ``variant`` overrides the block style detected from the tensors. The model is built on the
     meta device and takes the checkpoint tensors as its parameters, so memory holds one copy in
-    ``dtype`` only.
+    ``dtype`` only. Huginn's stored rotary table is used when present, exactly as the reference
+    loads it into its buffer.
     """
     path = Path(directory)
-    config_path, raw = read_config(path, "a raven")
-    if not is_raven_config(raw):
-        raise CheckpointError(
-            f"{config_path} is not a raven config (model_type {raw.get('model_type')!r}, "
-            f"architectures {raw.get('architectures')})"
-        )
+    config_path, raw = recognised_config(path, "a raven", is_raven_config)
     files = weight_files(path)
-    chosen = variant or detect_variant(raw, _tensor_names(files))
-    try:
+    chosen = variant or detect_variant(raw, tensor_names(files))
+    with naming_the_file(config_path):
         config = raven_config_from_dict(raw, chosen, name=raw.get("name") or path.name)
-    except ValueError as err:
-        raise CheckpointError(f"{config_path}: {err}") from err
     with torch.device("meta"):
         model = RavenLM(config)
-    tensors = read_tensors(files, dtype, device, exact={ROPE_TABLE})
-    _drop_converter_leftovers(tensors, config.variant)
-    table = tensors.pop(ROPE_TABLE, None)
-    if config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)  # re-tied to the embedding, as the reference does
-    expected = model.expected_tensors()
-    if table is not None:
-        expected[ROPE_TABLE] = torch.Size((1, config.context_length, 1, config.head_dim // 2, 2))
-        tensors[ROPE_TABLE] = table
-    check_tensors(expected, tensors, str(path))
-    tensors.pop(ROPE_TABLE, None)
-    model.load_state_dict(tensors, strict=False, assign=True)  # names checked just above
+    table_shape = torch.Size((1, config.context_length, 1, config.head_dim // 2, 2))
+    aside = load_weights(
+        model,
+        files,
+        source=str(path),
+        dtype=dtype,
+        device=device,
+        expected=model.expected_tensors(),
+        tied=("lm_head.weight",) if config.tie_embeddings else (),  # re-tied, as the reference
+        set_aside={ROPE_TABLE: table_shape},
+        tidy=lambda tensors: _drop_converter_leftovers(tensors, config.variant),
+    )
     model.tie_weights()
+    table = aside.get(ROPE_TABLE)
     model.rope_table = None if table is None else table.float()
     model.eval()
     return model

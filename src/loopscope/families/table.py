@@ -19,8 +19,9 @@ import torch
 from loopscope.core.errors import CheckpointError
 from loopscope.engine.contract import LoopedLM
 from loopscope.families.checkpoint import BUNDLED, bundled_model_dir, read_config
-from loopscope.families.hf import is_hf_decoder_config, load_hf
+from loopscope.families.hf_retrofit import is_retrofit_config, load_retrofit
 from loopscope.families.hub import cached_snapshot, looks_like_hub_id
+from loopscope.families.inkling2 import is_inkling2_config, load_inkling2
 from loopscope.families.looplm import is_looplm_config, load_looplm
 from loopscope.families.ouro import is_ouro_config, load_ouro
 from loopscope.families.parcae import is_parcae_config, load_parcae
@@ -58,11 +59,19 @@ FAMILIES: tuple[Family, ...] = (
     Family("looplm", is_looplm_config, load_looplm, "byte", "loopscope LoopLM"),
     Family(
         "hf",
-        is_hf_decoder_config,
-        load_hf,
+        is_retrofit_config,
+        load_retrofit,
         "checkpoint",
-        "Hugging Face decoders (llama, mistral, qwen2, qwen3, olmo2, gpt2, inkling2_loop)",
+        "Hugging Face decoders (llama, mistral, qwen2, qwen3, olmo2, gpt2)",
         options=("loop", "recurrences", "injection", "adapter_scale", "attn_implementation"),
+    ),
+    Family(
+        "inkling2_loop",
+        is_inkling2_config,
+        load_inkling2,
+        "checkpoint",
+        "Hugging Face Inkling-2 loop (inkling2_loop)",
+        options=("recurrences", "attn_implementation"),
     ),
 )
 

@@ -1,5 +1,6 @@
-"""Transformer building blocks shared by LoopLM: norms, rotary embeddings, attention, MLPs and
-the block layer with its four optional norms (SPEC §1).
+"""Transformer building blocks: the causal attention core every family calls, and LoopLM's
+attention, MLPs and block layer with its four optional norms (norms live in
+:mod:`loopscope.nn.norms`, rotary embeddings in :mod:`loopscope.nn.rotary`).
 
 A block layer computes ``X̂ = n2(X + a·Attn(n1(X)))`` and ``X' = n4(X̂ + a·MLP(n3(X̂)))``; which of
 n1..n4 exist is the *norm scheme*. Ouro's sandwich puts n2/n4 on the branch outputs instead of
@@ -17,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loopscope.nn.norms import NormType, make_norm
+from loopscope.nn.rotary import RotaryTable
+
 NormScheme = Literal["pre", "post", "huginn", "ouro"]
-NormType = Literal["rms", "layer"]
 MLPType = Literal["gated", "plain"]
 Component = Literal["attn", "mlp"]
 
@@ -27,50 +30,6 @@ Component = Literal["attn", "mlp"]
 Edit = Callable[[Component, Tensor], Tensor]
 
 NORM_SCHEMES: tuple[NormScheme, ...] = ("pre", "post", "huginn", "ouro")
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain, computed in fp32 for stability."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
-
-
-def make_norm(kind: NormType, dim: int, eps: float) -> nn.Module:
-    if kind == "rms":
-        return RMSNorm(dim, eps)
-    if kind == "layer":
-        return nn.LayerNorm(dim, eps=eps)
-    raise ValueError(f"unknown norm type {kind!r}; use 'rms' or 'layer'")
-
-
-class Rotary:
-    """Precomputed rotary-embedding tables for ``length`` positions (rotate-half convention)."""
-
-    def __init__(self, head_dim: int, length: int, base: float, device: torch.device) -> None:
-        if head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head size, got {head_dim}")
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-        angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
-        emb = torch.cat([angles, angles], dim=-1)
-        self.cos = emb.cos()
-        self.sin = emb.sin()
-
-    def apply(self, x: Tensor) -> Tensor:
-        """Rotate ``x`` of shape (batch, heads, tokens, head_dim)."""
-        t = x.shape[-2]
-        cos = self.cos[:t].to(x.dtype)
-        sin = self.sin[:t].to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
 
 
 def causal_attention_probs(q: Tensor, k: Tensor) -> Tensor:
@@ -119,7 +78,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=bias)
 
     def forward(
-        self, x: Tensor, rotary: Rotary, return_attn: bool = False
+        self, x: Tensor, rotary: RotaryTable, return_attn: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -146,7 +105,9 @@ class MLP(nn.Module):
 
 
 def _norm_slots(scheme: NormScheme) -> tuple[bool, bool, bool, bool]:
-    """Which of n1..n4 a scheme uses (SPEC §1)."""
+    """Which of n1..n4 a scheme uses: pre-norm normalises the branch inputs (n1, n3), post-norm
+    the stream after each branch joins it (n2, n4); Huginn's and Ouro's sandwiches use all four
+    (Ouro's n2 / n4 on the branch outputs rather than on the stream)."""
     return {
         "pre": (True, False, True, False),
         "post": (False, True, False, True),
@@ -183,7 +144,7 @@ class BlockLayer(nn.Module):
         self.mlp = MLP(d_model, mlp_hidden, mlp_type)
 
     def forward(
-        self, x: Tensor, rotary: Rotary, *, return_attn: bool = False, edit: Edit | None = None
+        self, x: Tensor, rotary: RotaryTable, *, return_attn: bool = False, edit: Edit | None = None
     ) -> tuple[Tensor, Tensor | None]:
         n1, n2, n3, n4 = self.norms
         a, probs = self.attn(n1(x), rotary, return_attn)
