@@ -1,7 +1,8 @@
-"""Figures for the dynamics analyses (SPEC §2 items 1–6): one function per result, each returning
-a standalone :class:`matplotlib.figure.Figure` on an Agg canvas. No pyplot and no global backend
-switch: figures are never shown or kept alive by pyplot, so reports can save many of them and
-tests can inspect them without a display."""
+"""Figures for the dynamics analyses (steps, fixed points, cycles, attention, trajectories,
+limiting behaviour, the attention bound, fixed-point solves): one function per result, each
+returning a standalone :class:`matplotlib.figure.Figure` on an Agg canvas. No pyplot and no
+global backend switch: figures are never shown or kept alive by pyplot, so reports can save many
+of them and tests can inspect them without a display."""
 
 from __future__ import annotations
 
@@ -15,14 +16,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike, NDArray
 
-from loopscope.analysis.dynamics import (
-    LIMIT_LABELS,
-    BoundCheck,
-    FixedPointDistances,
-    LimitingBehaviour,
-    PCATrajectory,
-    SuccessiveDifferences,
-)
+from loopscope.analysis.attention_dynamics import BoundCheck
+from loopscope.analysis.dynamics import FixedPointDistances, PCATrajectory, SuccessiveDifferences
+from loopscope.analysis.limiting import LIMIT_LABELS, LimitingBehaviour
 
 __all__ = [
     "plot_attention_heatmap",

@@ -1,4 +1,4 @@
-"""Faster fixed points of the block map: Anderson acceleration with a safeguard (SPEC §4).
+"""Faster fixed points of the block map: Anderson acceleration with a safeguard.
 
 Plain iteration z ← F(z) converges at the rate of the Jacobian's spectral radius ρ, which for
 looped LMs is often close to 1, so reaching a tight fixed point takes hundreds of block

@@ -1,4 +1,4 @@
-"""Stability certificate: spectral radius of a map's Jacobian at a point (SPEC §4).
+"""Stability certificate: spectral radius of a map's Jacobian at a point.
 
 A fixed point x* = f(x*) of the block map is locally stable when ρ(J_f(x*)) < 1. We estimate ρ
 without ever forming J (D·T can be in the millions): subspace iteration on Jacobian-vector

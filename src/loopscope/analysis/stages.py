@@ -1,5 +1,6 @@
-"""Stages-of-inference metrics (SPEC §2 item 7), a streaming probe that collects them per site,
-and the three views (realised depth, by recurrence, by layer) of the resulting profile.
+"""Stages-of-inference metrics (attention sinks and mixing, matrix entropy, residual norms,
+massive activations, neuron classes), a streaming probe that collects them per site, and the
+three views (realised depth, by recurrence, by layer) of the resulting profile.
 
 Every metric function is pure and takes tensors with arbitrary leading batch dimensions; they
 compute in float32 (half-precision inputs are promoted) so that bf16 traces give stable entropies.

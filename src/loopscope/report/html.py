@@ -15,18 +15,19 @@ import html
 import io
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure as MplFigure
+
+from loopscope.analysis.report_parts import Figure, Section, Table
+from loopscope.core.atomic import write_bytes
 
 __all__ = [
     "Figure",
@@ -39,43 +40,10 @@ __all__ = [
     "write_report",
 ]
 
-# numpy scalars are accepted too: analyses hand them over unconverted.
-Cell = str | float | int | np.generic | None
-
 PNG_DPI = 120
 FIGURE_FORMATS = ("png", "svg", "pdf")
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DASH = "\u2014"
-
-
-@dataclass
-class Table:
-    """A titled table; the first column is the row label (rendered as a row header)."""
-
-    title: str
-    columns: list[str]
-    rows: list[list[Cell]]
-    note: str = ""
-
-
-@dataclass
-class Figure:
-    """A finished figure; ``name`` becomes ``figures/NAME.png`` / ``.svg``."""
-
-    name: str
-    caption: str
-    figure: MplFigure
-
-
-@dataclass
-class Section:
-    """A titled part of the report: plain text (paragraphs split on blank lines), then tables,
-    then figures."""
-
-    title: str
-    text: str = ""
-    tables: list[Table] = field(default_factory=list)
-    figures: list[Figure] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -233,23 +201,6 @@ def _json_key(key: Any, path: str) -> str:
 
 
 # ---------------------------------------------------------------------------- files
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory + os.replace, so readers never see a
-    half-written file (long runs get interrupted)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; reports are meant to be shared
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _render_figure(fig: MplFigure, fmt: str, name: str) -> bytes:
@@ -487,7 +438,7 @@ def write_report(
                 for fmt in formats:
                     data = pngs[f.name] if fmt == "png" else _render_figure(f.figure, fmt, f.name)
                     path = fig_dir / f"{f.name}.{fmt}"
-                    _write_atomic(path, data)
+                    write_bytes(path, data)
                     fig_paths.append(path)
             finally:
                 _close(f.figure)
@@ -502,7 +453,7 @@ def write_report(
         formats=formats,
     )
     html_path = out_dir / "report.html"
-    _write_atomic(html_path, page.encode("utf-8"))
+    write_bytes(html_path, page.encode("utf-8"))
     metrics_path = out_dir / "metrics.json"
-    _write_atomic(metrics_path, metrics_text.encode("utf-8"))
+    write_bytes(metrics_path, metrics_text.encode("utf-8"))
     return ReportPaths(html=html_path, metrics_json=metrics_path, figures=fig_paths)
