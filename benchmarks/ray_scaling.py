@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from loopscope.pipeline import prompt_inputs  # noqa: E402
+from loopscope.trace.settings import PromptInput, TraceSettings  # noqa: E402
 from loopscope.trace.sharding import trace_distributed  # noqa: E402
-from loopscope.trace.writer import PromptInput, TraceSettings  # noqa: E402
 
 PROMPTS = ROOT / "src" / "loopscope" / "assets" / "prompts" / "demo.jsonl"
 TARGET = 1.6

@@ -38,7 +38,7 @@ from loopscope.analysis import stages as st  # noqa: E402
 from loopscope.engine.contract import LoopedLM  # noqa: E402
 from loopscope.engine.probes import CaptureProbe  # noqa: E402
 from loopscope.pipeline import prompt_inputs  # noqa: E402
-from loopscope.trace.writer import PromptInput  # noqa: E402
+from loopscope.trace.settings import PromptInput  # noqa: E402
 
 TARGET = 1.5
 
@@ -108,8 +108,8 @@ def breakdown(model: LoopedLM, prompts: list[PromptInput], recurrences: int, rep
             )
         per_prompt.append(
             (
-                [h[None].to(device) for h in cap.states.values()],
-                [a[None].to(device) for a in cap.attn.values()],
+                [h.to(device) for h in cap.states.values()],
+                [a.to(device) for a in cap.attn.values()],
             )
         )
     metric_fns: dict[str, Callable[[Any], Any]] = {

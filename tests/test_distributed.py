@@ -21,15 +21,9 @@ from loopscope.cli.main import main
 from loopscope.data import ByteTokenizer
 from loopscope.engine.loop import ContextLengthError
 from loopscope.families.looplm import LoopConfig, LoopLM
-from loopscope.trace.writer import (
-    SHARDS_DIR,
-    PromptInput,
-    TraceError,
-    TraceSettings,
-    TraceStore,
-    chunk_paths,
-    trace_prompts,
-)
+from loopscope.trace.settings import PromptInput, TraceError, TraceSettings
+from loopscope.trace.store import SHARDS_DIR, TraceStore, chunk_paths
+from loopscope.trace.writer import trace_prompts
 
 SRC = Path(loopscope.__file__).resolve().parents[1]
 SETTINGS = TraceSettings(

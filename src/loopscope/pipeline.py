@@ -15,7 +15,9 @@ from loopscope.families.table import tokenizer_for
 from loopscope.families.tokenizers import PromptTokenizer, byte_tokenizer
 from loopscope.report.html import ReportPaths, Section, write_report
 from loopscope.report.trace_report import Thresholds, analyse_dynamics
-from loopscope.trace.writer import PromptInput, TraceSettings, TraceStore, trace_prompts
+from loopscope.trace.settings import PromptInput, TraceSettings
+from loopscope.trace.store import TraceStore
+from loopscope.trace.writer import trace_prompts
 
 
 def resolve_model(source: str | LoopedLM, **load_options: Any) -> LoopedLM:

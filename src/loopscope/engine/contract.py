@@ -47,7 +47,9 @@ class FamilyMeta:
 
 @dataclass(frozen=True)
 class AttentionWeights:
-    """What the attention-Lipschitz bound (SPEC §2.4) needs of one block layer: the map from the
+    """What the attention-Lipschitz bound needs of one block layer (the attention maps of two
+    recurrences differ by at most B·κ/√d times the difference of their inputs, B the largest
+    token norm of the input and κ the largest ‖W_Q W_Kᵀ‖₂ over heads): the map from the
     residual stream to the attention input (its pre-attention norm) and the query/key weights
     in ``x @ W`` layout, (D, heads·head_dim)."""
 

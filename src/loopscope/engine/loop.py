@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from loopscope.core.errors import LoopscopeError
 from loopscope.engine.sites import Probe, Site
 from loopscope.nn.layers import Edit
 
@@ -39,7 +40,7 @@ class LoopOutput:
     recurrence_logits: list[Tensor] = field(default_factory=list)
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(LoopscopeError):
     """A prompt is longer than the model's context."""
 
 
@@ -152,6 +153,43 @@ def run_loop(
     return LoopOutput(
         logits=logits, state=state, recurrences=n_rec, recurrence_logits=recurrence_logits
     )
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What fixes a run's trajectory: the recurrence count, the initial state (None: the
+    family's default) and the seed of a random initial state. Every pass that must retrace the
+    same run (a second pass against the fixed point, a stability check) shares one spec."""
+
+    recurrences: int
+    init_state: InitState | None = None
+    seed: int = 0
+
+
+def run_probed(
+    model: LoopedLM,
+    input_ids: Tensor,
+    spec: RunSpec,
+    probes: Sequence[Probe] = (),
+    *,
+    attention: bool | None = None,
+    edit_plan: EditPlan | None = None,
+) -> LoopOutput:
+    """One gradient-free forward pass of ``spec`` feeding ``probes``: the engine call every
+    measurement pass makes. ``attention`` forces attention probabilities on or off (None: when
+    a probe wants them); eager attention is not bit-identical to the fused kernel, so passes
+    that must agree with each other pass the same value."""
+    with torch.no_grad():
+        out: LoopOutput = model(
+            input_ids,
+            recurrences=spec.recurrences,
+            init_state=spec.init_state,
+            seed=spec.seed,
+            probes=probes,
+            return_attn=attention,
+            edit_plan=edit_plan,
+        )
+    return out
 
 
 def block_step(model: LoopedLM, state: Tensor, inputs: Tensor, positions: Any) -> Tensor:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from loopscope.engine.sites import Site
+from loopscope.engine.cache import ActivationCache
+from loopscope.engine.sites import Site, Stage
 
 
 def _cosine_from(dot: Tensor, na: Tensor, nb: Tensor) -> Tensor:
@@ -237,12 +238,14 @@ class DynamicsProbe:
         )
 
 
-class CaptureProbe:
-    """Copies chosen states (and attention) to the host for a full-capture trace.
+class CaptureProbe(ActivationCache):
+    """Copies chosen states (and attention) to the host for a full-capture trace, every batch
+    row kept.
 
     ``positions`` selects token positions (None = all); ``layers`` selects block layers
-    (None = all); ``recurrences`` selects recurrences (None = all); attention is kept only at
-    ``attention_recurrences`` (None = all) because it is T² per head."""
+    (None = all); ``recurrences`` selects recurrences (None = all); prelude and coda layers
+    are always kept. Attention is kept only at block sites of ``attention_recurrences``
+    (None = all) because it is T² per head."""
 
     def __init__(
         self,
@@ -254,58 +257,49 @@ class CaptureProbe:
         attention_recurrences: Sequence[int] | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.positions = None if positions is None else list(positions)
         self.layers = None if layers is None else set(layers)
         self.recurrences = None if recurrences is None else set(recurrences)
-        self.wants_attention = attention
         self.attention_recurrences = (
             None if attention_recurrences is None else set(attention_recurrences)
         )
-        self.dtype = dtype
-        self.states: dict[Site, Tensor] = {}
-        self.attn: dict[Site, Tensor] = {}
+        super().__init__(
+            self._keeps_site,
+            attention=self._keeps_attention_at if attention else False,
+            positions=positions,
+            dtype=dtype,
+            device="cpu",
+        )
 
-    def _keeps(self, site: Site) -> bool:
+    def _keeps_site(self, site: Site) -> bool:
         if site.stage != "block":
             return True
         layer_ok = self.layers is None or site.layer in self.layers
         rec_ok = self.recurrences is None or site.recurrence in self.recurrences
         return layer_ok and rec_ok
 
-    def observe(self, site: Site, hidden: Tensor, attn: Tensor | None) -> None:
-        if not self._keeps(site):
-            return
-        h = hidden[0].detach()
-        if self.positions is not None:
-            h = h[self.positions]
-        self.states[site] = h.to(self.dtype).cpu()
-        keep_attn = (
-            self.attention_recurrences is None or site.recurrence in self.attention_recurrences
-        )
-        if attn is not None and site.stage == "block" and keep_attn:
-            a = attn[0].detach()
-            if self.positions is not None:
-                a = a[:, self.positions][:, :, self.positions]
-            self.attn[site] = a.to(self.dtype).cpu()
+    def _keeps_attention_at(self, site: Site) -> bool:
+        rec_ok = self.attention_recurrences is None or site.recurrence in self.attention_recurrences
+        return site.stage == "block" and rec_ok
 
-    def stage_array(self, stage: str) -> np.ndarray:
-        """(layers, T, D) for prelude/coda; (R, L, T, D) for the block."""
-        sites = sorted((s for s in self.states if s.stage == stage), key=lambda s: s.depth)
-        if not sites:
+    @property
+    def states(self) -> dict[Site, Tensor]:
+        """Kept states by site, (batch, T, D) each."""
+        return dict(self.items())
+
+    @property
+    def attn(self) -> dict[Site, Tensor]:
+        """Kept attention by site, (batch, H, T, T) each."""
+        return {s: self.attention(s) for s in self.attention_sites()}
+
+    def stage_array(self, stage: Stage) -> np.ndarray:
+        """(layers, batch, T, D) for prelude/coda; (R, L, batch, T, D) for the block; shape
+        (0,) when the stage kept nothing (a model without prelude, say)."""
+        if not self.sites(stage):
             return np.zeros((0,), np.float32)
-        stacked = torch.stack([self.states[s] for s in sites]).float().numpy()
-        if stage != "block":
-            return stacked
-        return _to_grid(sites, stacked)
+        return self.stage(stage).float().numpy()
 
     def attention_array(self) -> np.ndarray | None:
-        sites = sorted(self.attn, key=lambda s: s.depth)
-        if not sites:
+        """(R, L, batch, H, T, T) block attention, or None when none was kept."""
+        if not self.attention_sites():
             return None
-        return _to_grid(sites, torch.stack([self.attn[s] for s in sites]).float().numpy())
-
-
-def _to_grid(sites: list[Site], stacked: np.ndarray) -> np.ndarray:
-    recs = sorted({s.recurrence for s in sites})
-    layers = sorted({s.layer for s in sites})
-    return stacked.reshape(len(recs), len(layers), *stacked.shape[1:])
+        return self.attention_stage("block").float().numpy()

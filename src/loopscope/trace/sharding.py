@@ -5,7 +5,7 @@ runs one Ray task per shard. Each task loads the model itself from its source st
 (``loopscope.load(source)``: "demo", a checkpoint directory, …; the model object is never
 shipped), uses one CPU thread (``num_cpus=1``) or one GPU, and writes its chunks, keyed by the
 global prompt index, under ``TRACE/shards/shard_<first>-<last>/``. Readers
-(:class:`~loopscope.trace.writer.TraceStore`) merge the shards lazily into one trace, so the result
+(:class:`~loopscope.trace.store.TraceStore`) merge the shards lazily into one trace, so the result
 equals what :func:`~loopscope.trace.writer.trace_prompts` writes in one process, bit for bit.
 
 Fault tolerance is Ray's: a worker that dies mid-shard has its task retried
@@ -30,19 +30,9 @@ from typing import Any
 
 from loopscope.engine.contract import LoopedLM
 from loopscope.families.checkpoint import BUNDLED
-from loopscope.trace.writer import (
-    SHARDS_DIR,
-    PromptInput,
-    TraceError,
-    TraceSettings,
-    TraceStore,
-    _chunk_name,
-    _trace_one,
-    chunk_paths,
-    model_fingerprint,
-    open_trace,
-    trace_header,
-)
+from loopscope.trace.settings import PromptInput, TraceError, TraceSettings
+from loopscope.trace.store import SHARDS_DIR, TraceStore, chunk_name, chunk_paths, model_fingerprint
+from loopscope.trace.writer import open_trace, trace_header, trace_one
 
 RAY_MISSING = "tracing with --ray needs Ray, an optional extra: pip install 'loopscope[ray]'"
 ATTEMPTS_LOG = "attempts.jsonl"
@@ -145,7 +135,7 @@ def _trace_shard(
         )
     out = Path(shard_dir)
     out.mkdir(parents=True, exist_ok=True)
-    todo = [(i, p) for i, p in items if not (out / _chunk_name(i)).is_dir()]
+    todo = [(i, p) for i, p in items if not (out / chunk_name(i)).is_dir()]
     with (out / ATTEMPTS_LOG).open("a") as log:
         log.write(json.dumps({"pid": os.getpid(), "todo": [i for i, _ in todo]}) + "\n")
     hook = fail_once if fail_once and fail_once.prompt in {i for i, _ in items} else None
@@ -154,7 +144,7 @@ def _trace_shard(
         if hook is not None and len(traced) == hook.after and not Path(hook.marker).exists():
             Path(hook.marker).write_text(json.dumps({"pid": os.getpid(), "before": index}))
             os._exit(1)
-        _trace_one(model, prompt, out, index, settings)
+        trace_one(model, prompt, out, index, settings)
         traced.append(index)
     return traced
 
