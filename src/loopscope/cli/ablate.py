@@ -1,7 +1,7 @@
 """``loopscope ablate random-init|trained``: the architecture ablations as one command each.
 
-``add_ablate_command(sub)`` plugs into the main parser; ``python -m loopscope.cli.ablate`` runs
-the same command on its own.
+``ABLATE`` is the command group's row in the table of ``loopscope.cli.main``;
+``python -m loopscope.cli.ablate`` runs the same rows on their own.
 """
 
 from __future__ import annotations
@@ -11,26 +11,21 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
+from loopscope.cli.common import Command, CommonFlags, RunOptions, run_cli
+from loopscope.core.errors import LoopscopeError
 from loopscope.nn.injection import INJECTIONS
 from loopscope.nn.layers import NORM_SCHEMES
 
-
-def _setup_threads(args: argparse.Namespace) -> None:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+__all__ = ["ABLATE"]
 
 
 def _cmd_random_init(args: argparse.Namespace) -> int:
-    from loopscope.studies.ablation import (
-        compare_with_study,
-        markdown_table,
-        random_init_preset,
-        run_random_init,
-    )
+    from loopscope.studies.ablation.formatting import markdown_table
+    from loopscope.studies.ablation.presets import random_init_preset
+    from loopscope.studies.ablation.study import compare_with_study
+    from loopscope.studies.ablation.sweeps import run_random_init
 
-    _setup_threads(args)
+    options: RunOptions = args.options
     preset = random_init_preset(
         args.preset,
         seeds=args.seeds,
@@ -44,9 +39,13 @@ def _cmd_random_init(args: argparse.Namespace) -> int:
             continue
         if not value >= 0:
             flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} is a standard deviation: pass a value ≥ 0, got {value}")
+            raise LoopscopeError(f"{flag} is a standard deviation: pass a value ≥ 0, got {value}")
         preset = replace(preset, **{name: value})
-    run = run_random_init(args.out, preset, device=args.device, progress=not args.no_progress)
+    if options.dtype is not None:
+        preset = replace(preset, dtype=options.dtype)
+    if options.limit is not None:
+        preset = replace(preset, prompts=min(preset.prompts, options.limit))
+    run = run_random_init(args.out, preset, device=options.device, progress=options.progress)
     print(
         f"random-init ablation ({preset.name}): {len(run.results)} cells, "
         f"{len(run.computed)} computed now in {run.seconds:.1f} s"
@@ -61,9 +60,10 @@ def _cmd_random_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_trained(args: argparse.Namespace) -> int:
-    from loopscope.studies.ablation import run_trained, trained_preset
+    from loopscope.studies.ablation.presets import trained_preset
+    from loopscope.studies.ablation.sweeps import run_trained
 
-    _setup_threads(args)
+    options: RunOptions = args.options
     preset = trained_preset(
         args.preset,
         seeds=args.seeds,
@@ -71,7 +71,11 @@ def _cmd_trained(args: argparse.Namespace) -> int:
         norms=args.norms,
         injections=args.injections,
     )
-    run = run_trained(args.out, preset, device=args.device, progress=not args.no_progress)
+    if options.batch_size is not None:
+        preset = replace(preset, train=replace(preset.train, batch_size=options.batch_size))
+    if options.limit is not None:
+        preset = replace(preset, prompts=min(preset.prompts, options.limit))
+    run = run_trained(args.out, preset, device=options.device, progress=options.progress)
     print(
         f"trained ablation ({preset.name}): {len(run.results)} cells, "
         f"{len(run.computed)} computed now in {run.seconds:.1f} s"
@@ -82,7 +86,7 @@ def _cmd_trained(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser, blocks_help: str) -> None:
+def _add_sweep_options(p: argparse.ArgumentParser, blocks_help: str) -> None:
     p.add_argument("--out", required=True, help="output directory; a rerun resumes there")
     p.add_argument(
         "--preset",
@@ -94,56 +98,74 @@ def _common(p: argparse.ArgumentParser, blocks_help: str) -> None:
     p.add_argument("--block-sizes", dest="block_sizes", nargs="+", type=int, help=blocks_help)
     p.add_argument("--norms", nargs="+", choices=NORM_SCHEMES, help="norm schemes to include")
     p.add_argument("--injections", nargs="+", choices=INJECTIONS, help="injections to include")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def add_ablate_command(sub: argparse._SubParsersAction) -> None:
-    """Add ``ablate random-init`` and ``ablate trained`` to the ``loopscope`` parser."""
-    p = sub.add_parser("ablate", help="architecture ablation sweeps (resumable)")
-    kinds = p.add_subparsers(dest="ablation", required=True)
-    r = kinds.add_parser(
-        "random-init",
-        help="untrained looped stacks: norm × injection × block size × seed → fixed-point verdicts",
-    )
-    _common(r, "block sizes (default 4 12 16)")
-    r.add_argument(
+def _add_random_init_options(p: argparse.ArgumentParser) -> None:
+    _add_sweep_options(p, "block sizes (default 4 12 16)")
+    p.add_argument(
         "--adapter-init-noise",
         type=float,
         help="σ of the noise on concat-linear adapters' (Z+X)/√2 start (default 0.02, which "
         "contracts only below width ≈ 215; c/√width with c < 0.29 contracts at any width)",
     )
-    r.add_argument(
+    p.add_argument(
         "--embed-init-std",
         type=float,
         help="σ of the token embeddings, which are Z0 = X here (default 0.02, about 0.02× a "
         "normalised stream)",
     )
-    r.set_defaults(handler=_cmd_random_init)
-    t = kinds.add_parser(
-        "trained",
-        help="train the study's small looped models and a feedforward twin, then compare them",
-    )
-    _common(t, "looped block sizes (default 4 8 12)")
-    t.set_defaults(handler=_cmd_trained)
+
+
+def _add_trained_options(p: argparse.ArgumentParser) -> None:
+    _add_sweep_options(p, "looped block sizes (default 4 8 12)")
+
+
+_SEEDS = "the cells' seeds are 0..N-1; choose N with --seeds"
+_INTERRUPTED = "interrupted; finished cells are saved and a rerun resumes"
+
+RANDOM_INIT = Command(
+    "random-init",
+    "untrained looped stacks: norm × injection × block size × seed → fixed-point verdicts",
+    _add_random_init_options,
+    _cmd_random_init,
+    common=CommonFlags(
+        batch_size=None,
+        batch_size_help="prompts per forward pass",
+        seed=None,
+        seed_help="seed of the cells",
+        limit_help="only the first N bundled prompts (default: the preset's)",
+        builds_model=True,
+        refuses={"batch_size": "every cell runs its prompts as one batch", "seed": _SEEDS},
+    ),
+    interrupted=_INTERRUPTED,
+)
+TRAINED = Command(
+    "trained",
+    "train the study's small looped models and a feedforward twin, then compare them",
+    _add_trained_options,
+    _cmd_trained,
+    common=CommonFlags(
+        batch_size=None,
+        batch_size_help="training sequences per step (default: the preset's)",
+        seed=None,
+        seed_help="seed of the cells",
+        limit_help="only the first N bundled prompts analysed (default: the preset's)",
+        builds_model=True,
+        refuses={"seed": _SEEDS, "dtype": "its models train and are analysed in float32"},
+    ),
+    interrupted=_INTERRUPTED,
+)
+ABLATE = Command(
+    "ablate",
+    "architecture ablation sweeps (resumable)",
+    subcommands=(RANDOM_INIT, TRAINED),
+    interrupted=_INTERRUPTED,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point with the main CLI's error handling."""
-    parser = argparse.ArgumentParser(prog="loopscope")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_ablate_command(sub)
-    args = parser.parse_args(argv)
-    try:
-        code: int = args.handler(args)
-        return code
-    except KeyboardInterrupt:
-        print("interrupted; finished cells are saved and a rerun resumes", file=sys.stderr)
-        return 130
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
-        print(f"loopscope ablate: error: {err}", file=sys.stderr)
-        return 2
+    """Stand-alone entry point: ``loopscope ablate ...`` with the main CLI's error handling."""
+    return run_cli((ABLATE,), argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""CLI subcommands that trace and analyse: ``trace``, ``analyze``, ``report``."""
+"""The commands that trace and analyse: ``loopscope trace``, ``analyze`` and ``report``."""
 
 from __future__ import annotations
 
@@ -6,26 +6,41 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from loopscope.trace.writer import TraceSettings, TraceStore
+from loopscope.cli.common import Command, CommonFlags, RunOptions
+from loopscope.core.errors import LoopscopeError
+from loopscope.trace.settings import TraceSettings
+from loopscope.trace.store import TraceStore
+
+__all__ = ["ANALYZE", "REPORT", "TRACE"]
 
 
-def _settings(args: argparse.Namespace) -> TraceSettings:
+def _int_list(flag: str, text: str) -> list[int]:
+    """Comma-separated whole numbers given to ``flag``, or an error naming the flag."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise LoopscopeError(
+            f"{flag} takes comma-separated whole numbers (e.g. 0,2,5), got {text!r}"
+        ) from None
+
+
+def _settings(args: argparse.Namespace, options: RunOptions) -> TraceSettings:
     positions: str | list[int] = args.positions
     if args.positions not in ("all", "last"):
         try:
             positions = [int(p) for p in args.positions.split(",")]
         except ValueError:
-            raise ValueError(
+            raise LoopscopeError(
                 f"--positions must be 'all', 'last' or comma-separated ints, got {args.positions!r}"
             ) from None
-    layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
+    layers = None if args.layers is None else _int_list("--layers", args.layers)
     kept = None
     if args.keep_recurrences is not None:
-        kept = [int(x) for x in args.keep_recurrences.split(",")]
+        kept = _int_list("--keep-recurrences", args.keep_recurrences)
     return TraceSettings(
         recurrences=args.recurrences,
         init_state=args.init_state,
-        seed=args.seed,
+        seed=options.seed or 0,
         positions=positions,
         layers=layers,
         keep_recurrences=kept,
@@ -46,7 +61,7 @@ def _load_options(args: argparse.Namespace) -> dict[str, Any]:
         try:
             start, stop = (int(x) for x in args.loop.split(":"))
         except ValueError:
-            raise ValueError(
+            raise LoopscopeError(
                 f"--loop must look like A:B (layers A..B-1), got {args.loop!r}"
             ) from None
         options["loop"] = (start, stop)
@@ -60,9 +75,7 @@ def _add_trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", required=True, help="GSM8K/HellaSwag JSONL or a .txt file")
     p.add_argument("--recurrences", type=int, default=128)
     p.add_argument("--out", required=True)
-    p.add_argument("--limit", type=int, help="only the first N prompts")
     p.add_argument("--init-state", choices=["zeros", "random", "prelude"])
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--positions", default="all", help="all | last | comma-separated indices")
     p.add_argument("--layers", help="block layers to keep, comma-separated (default all)")
     p.add_argument(
@@ -105,7 +118,6 @@ def _add_trace_options(p: argparse.ArgumentParser) -> None:
         choices=["none", "add", "concat-linear"],
         help="Hugging Face decoders with --loop: how the prelude output enters each recurrence",
     )
-    p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--ray",
         nargs="?",
@@ -117,40 +129,70 @@ def _add_trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="with --ray: shards traced at once")
 
 
+def _ray_use_gpu(args: argparse.Namespace) -> bool | None:
+    """``--device`` for Ray workers: cuda puts one on each GPU, cpu keeps them off the GPUs,
+    none given leaves it to the cluster (GPUs when it has some). ``--dtype`` and
+    ``--threads`` are refused: every worker loads its own model in float32 and runs one CPU
+    thread."""
+    if args.dtype is not None:
+        raise LoopscopeError(
+            "--dtype is not supported with --ray yet (workers load in float32); drop --dtype"
+        )
+    if args.threads:
+        raise LoopscopeError(
+            "--threads does not apply with --ray (every CPU worker runs one thread); drop it"
+        )
+    if args.device is None:
+        return None
+    if args.device not in ("cpu", "cuda"):
+        raise LoopscopeError(
+            f"--device {args.device} with --ray: Ray places the workers, so give cuda or cpu"
+        )
+    return args.device == "cuda"
+
+
 def _run_trace(args: argparse.Namespace, out: str | Path) -> TraceStore:
     """One process, or sharded over Ray workers with ``--ray`` (only then is Ray imported)."""
+    options: RunOptions = args.options
     if args.ray is None:
         if args.workers is not None:
-            raise ValueError("--workers only applies with --ray; add --ray or drop --workers")
+            raise LoopscopeError("--workers only applies with --ray; add --ray or drop --workers")
         from loopscope.pipeline import trace
 
+        load_options = _load_options(args)
         return trace(
             args.model,
             args.prompts,
             out,
-            _settings(args),
-            limit=args.limit,
-            progress=not args.no_progress,
-            load_options=_load_options(args),
+            _settings(args, options),
+            limit=options.limit,
+            progress=options.progress,
+            load_options={
+                **load_options,
+                "dtype": options.load_dtype(args.model),
+                "device": options.device,
+            },
         )
     if _load_options(args):
-        raise ValueError("--loop and --injection are not supported with --ray yet; drop --ray")
+        raise LoopscopeError("--loop and --injection are not supported with --ray yet; drop --ray")
     from loopscope.families.table import tokenizer_for
     from loopscope.pipeline import prompt_inputs
     from loopscope.trace.sharding import trace_distributed
 
+    use_gpu = _ray_use_gpu(args)
     tokenizer = tokenizer_for(args.model)
     try:
         return trace_distributed(
             args.model,
-            prompt_inputs(args.prompts, limit=args.limit, tokenizer=tokenizer),
+            prompt_inputs(args.prompts, limit=options.limit, tokenizer=tokenizer),
             out,
-            _settings(args),
+            _settings(args, options),
             address=args.ray,
             workers=args.workers,
+            use_gpu=use_gpu,
             tokenizer_name=tokenizer.name,
             bos=tokenizer.bos,
-            progress=not args.no_progress,
+            progress=options.progress,
         )
     except ImportError as err:
         raise RuntimeError(str(err)) from None
@@ -180,14 +222,31 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_analysis_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("trace", help="record every layer at every recurrence into a trace")
-    _add_trace_options(p)
-    p.set_defaults(handler=_cmd_trace)
-    p = sub.add_parser("analyze", help="trace, then write the HTML report and metrics.json")
-    _add_trace_options(p)
-    p.set_defaults(handler=_cmd_analyze)
-    p = sub.add_parser("report", help="write the report of an existing trace")
+def _add_report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("trace_dir")
     p.add_argument("--out", help="output directory (default: the trace directory)")
-    p.set_defaults(handler=_cmd_report)
+
+
+#: Tracing runs one prompt per forward pass (prompts differ in length and every state is kept).
+TRACE_FLAGS = CommonFlags(
+    seed_help="seed of the random initial state (--init-state random, or a model that draws one)",
+    refuses={"batch_size": "it traces one prompt per forward pass"},
+)
+
+TRACE = Command(
+    "trace",
+    "record every layer at every recurrence into a trace",
+    _add_trace_options,
+    _cmd_trace,
+    common=TRACE_FLAGS,
+)
+ANALYZE = Command(
+    "analyze",
+    "trace, then write the HTML report and metrics.json",
+    _add_trace_options,
+    _cmd_analyze,
+    common=TRACE_FLAGS,
+)
+REPORT = Command(
+    "report", "write the report of an existing trace", _add_report_options, _cmd_report
+)

@@ -1,14 +1,16 @@
-"""CLI subcommand ``loopscope stages``: the stages-of-inference report of one model, optionally
-against a feedforward reference and with interventions."""
+"""``loopscope stages``: the stages-of-inference report of one model, optionally against a
+feedforward reference and with interventions."""
 
 from __future__ import annotations
 
 import argparse
 
 from loopscope.analysis.stages import METRICS
+from loopscope.cli.common import Command, CommonFlags, RunOptions
+from loopscope.core.errors import LoopscopeError
 from loopscope.engine.interventions import SYNTAX
 
-__all__ = ["add_stages_command"]
+__all__ = ["STAGES"]
 
 _INTERVENE_HELP = (
     f"intervention {SYNTAX}; RECURRENCES is a comma list with ranges (0-3,7), omitted = all; "
@@ -20,10 +22,9 @@ def _cmd_stages(args: argparse.Namespace) -> int:
     from loopscope.engine.interventions import parse_intervention
     from loopscope.studies.stages import run_stages
 
+    options: RunOptions = args.options
     if args.recurrences is not None and args.recurrences < 1:
-        raise ValueError(f"--recurrences must be ≥ 1, got {args.recurrences}")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
+        raise LoopscopeError(f"--recurrences must be ≥ 1, got {args.recurrences}")
     specs = [parse_intervention(text) for text in args.intervene or []]
     shown = None if args.metrics is None else [m.strip() for m in args.metrics.split(",")]
     paths = run_stages(
@@ -33,21 +34,19 @@ def _cmd_stages(args: argparse.Namespace) -> int:
         reference=args.reference,
         recurrences=args.recurrences,
         intervention=specs or None,
-        limit=args.limit,
+        limit=options.limit,
         sink_threshold=args.sink_threshold,
         show_metrics=shown,
-        progress=not args.no_progress,
+        seed=options.seed or 0,
+        progress=options.progress,
+        loader=options.load,
     )
     print(f"report: {paths.html}\nmetrics: {paths.metrics_json}")
     return 0
 
 
-def add_stages_command(sub: argparse._SubParsersAction) -> None:
-    """Register ``loopscope stages MODEL --prompts FILE --out DIR [options]``."""
-    p = sub.add_parser(
-        "stages",
-        help="stages-of-inference report: sinks, mixing, compression, alignment, neurons",
-    )
+def _add_stages_options(p: argparse.ArgumentParser) -> None:
+    """``loopscope stages MODEL --prompts FILE --out DIR [options]``."""
     p.add_argument("model", help="'demo', 'demo-feedforward' or a checkpoint directory")
     p.add_argument("--prompts", required=True, help="GSM8K/HellaSwag JSONL or a .txt file")
     p.add_argument("--out", required=True, help="output directory for the report")
@@ -62,7 +61,6 @@ def add_stages_command(sub: argparse._SubParsersAction) -> None:
         metavar="SPEC",
         help=_INTERVENE_HELP,
     )
-    p.add_argument("--limit", type=int, help="only the first N prompts")
     p.add_argument(
         "--sink-threshold",
         dest="sink_threshold",
@@ -74,5 +72,18 @@ def add_stages_command(sub: argparse._SubParsersAction) -> None:
         "--metrics",
         help="comma-separated metrics to draw (default all): " + ", ".join(METRICS),
     )
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(handler=_cmd_stages)
+
+
+STAGES = Command(
+    "stages",
+    "stages-of-inference report: sinks, mixing, compression, alignment, neurons",
+    _add_stages_options,
+    _cmd_stages,
+    common=CommonFlags(
+        seed_help="seed of the random initial state when the model draws one",
+        refuses={
+            "batch_size": "it profiles one prompt per forward pass, so no padding "
+            "enters the stage metrics"
+        },
+    ),
+)

@@ -1,4 +1,4 @@
-"""Adaptive depth: how many recurrences each token really needs (SPEC §4).
+"""Adaptive depth: how many recurrences each token really needs, under each exit criterion.
 
 One full-depth run per prompt records, after every recurrence r, what each exit criterion
 reads: the recurrent state (for latent convergence), the output distribution (for Huginn's KL
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +61,7 @@ __all__ = [
     "exit_recurrences",
     "plot_adaptive",
     "recurrences_saved_at",
-    "run_adaptive_cli",
+    "write_adaptive",
     "signals_from_tensors",
     "sweep_signals",
 ]
@@ -513,13 +512,16 @@ def adaptive_depth_sweep(
     init_state: str | None = None,
     seed: int = 0,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> AdaptiveResult:
     """Sweep exit criteria over thresholds on ``prompts_ids`` (1-D token-id tensors).
 
     ``criteria``: name → thresholds (default :data:`DEFAULT_CRITERIA`, without ``gate`` when
     the model has no exit gate). Prompts run ``batch_size`` at a time, halving on
-    out-of-memory errors.
+    out-of-memory errors; ``progress`` shows a bar over the prompts.
     """
+    from tqdm.auto import tqdm
+
     if not prompts_ids:
         raise ValueError("no prompts: give at least one tensor of token ids")
     if max_recurrences < 2:
@@ -532,18 +534,19 @@ def adaptive_depth_sweep(
             del criteria["gate"]
             skipped["gate"] = "model has no exit_gate_logits"
     chosen = _check_criteria(criteria, has_gate)
-    signals = run_in_microbatches(
-        lambda batch: collect_signals(
-            model, batch, max_recurrences, init_state=init_state, seed=seed
-        ),
-        list(prompts_ids),
-        batch_size,
-    )
+    with tqdm(total=len(prompts_ids), desc="adaptive", disable=not progress) as bar:
+
+        def batch_signals(batch: list[Tensor]) -> list[RecurrenceSignals]:
+            found = collect_signals(model, batch, max_recurrences, init_state=init_state, seed=seed)
+            bar.update(len(batch))
+            return found
+
+        signals = run_in_microbatches(batch_signals, list(prompts_ids), batch_size)
     name = getattr(getattr(model, "meta", None), "name", "") or type(model).__name__
     return sweep_signals(signals, chosen, model_name=name, skipped=skipped)
 
 
-# --------------------------------------------------------------------------- figure and CLI
+# --------------------------------------------------------------------------- figure and files
 
 
 def plot_adaptive(result: AdaptiveResult, agreement: float = 0.99) -> Figure:
@@ -575,39 +578,16 @@ def plot_adaptive(result: AdaptiveResult, agreement: float = 0.99) -> Figure:
     return fig
 
 
-def run_adaptive_cli(
-    model_source: str | Path,
-    prompts_path: str | Path,
-    out_dir: str | Path,
-    max_recurrences: int,
-    *,
-    device: str = "cpu",
-    batch_size: int = 8,
-) -> int:
-    """``loopscope adaptive MODEL --prompts FILE --out DIR``: write ``adaptive.md``,
-    ``adaptive.csv`` and ``adaptive.png`` into ``out_dir``, print the table, return the exit
-    code (2 with a message on stderr when the model or prompts cannot be used)."""
-    import loopscope
-    from loopscope.data import DataFormatError, load_prompts
-    from loopscope.families.checkpoint import CheckpointError
-    from loopscope.families.table import tokenizer_for
+def write_adaptive(result: AdaptiveResult, out_dir: str | Path) -> list[Path]:
+    """Write ``adaptive.md`` (the table), ``adaptive.csv`` and ``adaptive.png`` into
+    ``out_dir``, each atomically; returns their paths."""
+    from loopscope.core.atomic import write_text, write_with
 
-    try:
-        model = loopscope.load(model_source, device=device)
-        texts = load_prompts(prompts_path)
-        tokenizer = tokenizer_for(model_source)
-        ids = [torch.tensor(tokenizer.encode(t), dtype=torch.long) for t in texts]
-        result = adaptive_depth_sweep(
-            model, ids, max_recurrences=max_recurrences, batch_size=batch_size
-        )
-    except (CheckpointError, DataFormatError, FileNotFoundError, ValueError) as err:
-        print(f"loopscope adaptive: {err}", file=sys.stderr)
-        return 2
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    markdown = result.to_markdown()
-    (out / "adaptive.md").write_text(markdown)
-    (out / "adaptive.csv").write_text(result.to_csv())
-    plot_adaptive(result).savefig(out / "adaptive.png", dpi=120)
-    print(markdown)
-    return 0
+    paths = [out / "adaptive.md", out / "adaptive.csv", out / "adaptive.png"]
+    write_text(paths[0], result.to_markdown())
+    write_text(paths[1], result.to_csv())
+    figure = plot_adaptive(result)
+    write_with(paths[2], lambda name: figure.savefig(name, dpi=120, format="png"))
+    return paths

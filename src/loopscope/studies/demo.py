@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from loopscope.engine.contract import LoopedLM
 from loopscope.report.html import Section, Table, format_cell
-from loopscope.trace.writer import PromptInput, TraceSettings
+from loopscope.trace.settings import PromptInput, TraceSettings
+from loopscope.trace.store import TraceStore
 
 DEMO_PROMPTS = "demo.jsonl"
 
@@ -72,16 +75,32 @@ def print_table(table: Table) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def run_demo(out_dir: Path, *, recurrences: int = 64, quick: bool = False) -> int:
-    """Run the demo into ``out_dir``; returns a process exit code."""
+def run_demo(
+    out_dir: Path,
+    *,
+    recurrences: int = 64,
+    quick: bool = False,
+    limit: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    loader: Callable[[str], LoopedLM] | None = None,
+) -> int:
+    """Run the demo into ``out_dir``; returns a process exit code.
+
+    ``limit`` traces fewer of the bundled problems (8, or 4 with ``quick``); ``seed`` seeds
+    torch and any random initial state; ``loader`` loads the two bundled models by name
+    (default :func:`loopscope.load`; the command line passes its device and dtype)."""
     import loopscope
     from loopscope.pipeline import prompt_inputs, report, trace
 
     start = time.perf_counter()
-    torch.manual_seed(0)
-    looped = loopscope.load("demo")
-    feedforward = loopscope.load("demo-feedforward")
+    torch.manual_seed(seed)
+    load = loader or loopscope.load
+    looped = load("demo")
+    feedforward = load("demo-feedforward")
     n_prompts = 4 if quick else 8
+    if limit is not None:
+        n_prompts = min(n_prompts, limit)
     recurrences = min(recurrences, 32) if quick else recurrences
     prompts = prompt_inputs(bundled_prompts_path(), limit=n_prompts)
     print(
@@ -91,19 +110,16 @@ def run_demo(out_dir: Path, *, recurrences: int = 64, quick: bool = False) -> in
 
     models = _models_table(["demo-looped", "demo-feedforward"])
     print_table(models)
-    settings = TraceSettings(recurrences=recurrences, stability_prompts=1, stability_iters=20)
-    store = trace(looped, prompts, out_dir / "trace", settings, progress=True)
-    extra_sections = [Section("Bundled models", tables=[models])]
-    extra_metrics: dict[str, Any] = {"bundled_models": models.rows}
-    stages = _stages(store, feedforward, prompts)
-    if stages is not None:
-        extra_sections += stages[0]
-        extra_metrics["stages"] = stages[1]
+    settings = TraceSettings(
+        recurrences=recurrences, seed=seed, stability_prompts=1, stability_iters=20
+    )
+    store = trace(looped, prompts, out_dir / "trace", settings, progress=progress)
+    stage_sections, stage_metrics = _stages(store, feedforward, prompts, seed)
     paths = report(
         store.path,
         out_dir,
-        extra_sections=extra_sections,
-        extra_metrics=extra_metrics,
+        extra_sections=[Section("Bundled models", tables=[models]), *stage_sections],
+        extra_metrics={"bundled_models": models.rows, "stages": stage_metrics},
         title="loopscope demo — bundled looped model",
     )
     from loopscope.report.trace_report import analyse_dynamics
@@ -114,7 +130,9 @@ def run_demo(out_dir: Path, *, recurrences: int = 64, quick: bool = False) -> in
     return 0
 
 
-def _stages(store: Any, feedforward: Any, prompts: list[PromptInput]) -> Any:
+def _stages(
+    store: TraceStore, feedforward: LoopedLM, prompts: list[PromptInput], seed: int
+) -> tuple[list[Section], dict[str, Any]]:
     """Stages of inference of the looped trace against the feedforward twin."""
     from loopscope.studies.stages import (
         pooled_profile_from_trace,
@@ -123,5 +141,5 @@ def _stages(store: Any, feedforward: Any, prompts: list[PromptInput]) -> Any:
     )
 
     looped_profile = pooled_profile_from_trace(store)
-    reference = stages_profile(feedforward, prompts, progress=False)
+    reference = stages_profile(feedforward, prompts, seed=seed, progress=False)
     return stages_sections(looped_profile, reference)
