@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
+from loopscope.core.errors import LoopscopeError
 from loopscope.data.formatting import (
     extract_final_answer,
     format_prompt,
@@ -36,7 +37,7 @@ _GSM8K_NEEDS = '(a GSM8K line needs "question" and "answer")'
 _HELLASWAG_NEEDS = '(a HellaSwag line needs "ctx" (or "ctx_a" and "ctx_b") and "endings")'
 
 
-class DataFormatError(ValueError):
+class DataFormatError(LoopscopeError):
     """A data file is malformed. ``str(err)`` reads ``"<file> line <n>: <problem and fix>"``;
     ``path``, ``line`` (1-based, None for whole-file problems) and ``problem`` are attributes."""
 
@@ -73,10 +74,26 @@ class HellaSwagExample:
     activity_label: str | None = None
 
 
+def _read_file(path: PathLike) -> bytes:
+    """The file's bytes, or DataFormatError saying why it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataFormatError(path, None, "no such file; check the path") from None
+    except IsADirectoryError:
+        raise DataFormatError(
+            path, None, "is a directory; give a .jsonl file (GSM8K or HellaSwag) or a .txt file"
+        ) from None
+    except OSError as err:
+        raise DataFormatError(
+            path, None, f"cannot be read ({err.strerror or err}); check its permissions"
+        ) from None
+
+
 def _read_lines(path: PathLike) -> list[tuple[int, str]]:
     """Non-blank lines with their 1-based numbers, line terminators removed, UTF-8 checked
     per line so that a bad byte is reported with its line."""
-    raw = Path(path).read_bytes()
+    raw = _read_file(path)
     if raw.startswith(b"\xef\xbb\xbf"):  # a BOM some editors add; not part of the first line
         raw = raw[3:]
     lines = []
@@ -108,6 +125,13 @@ def _parse_jsonl(path: PathLike, lines: list[tuple[int, str]]) -> list[tuple[int
                 f"malformed JSON ({err.msg} at column {err.colno}); "
                 "each line must be one complete JSON object",
             ) from None
+        except (ValueError, RecursionError) as err:  # a number too long to convert, deep nesting
+            raise DataFormatError(
+                path,
+                number,
+                f"unreadable JSON ({type(err).__name__}: {str(err).split(';')[0]}); "
+                "each line must be one JSON object of the prompt's fields",
+            ) from None
         if not isinstance(record, dict):
             raise DataFormatError(
                 path,
@@ -125,11 +149,25 @@ def _load_jsonl(path: PathLike) -> list[tuple[int, dict[str, Any]]]:
 def _field_str(path: PathLike, number: int, record: dict[str, Any], field: str, needs: str) -> str:
     if field not in record:
         raise DataFormatError(path, number, f'missing field "{field}" {needs}')
-    value = record[field]
+    return _checked_str(path, number, field, record[field])
+
+
+def _checked_str(path: PathLike, number: int, field: str, value: Any) -> str:
+    """``value`` if it is a string of real characters (a JSON escape like ``\\ud800`` that
+    leaves half a surrogate pair is not one, and no tokenizer can encode it)."""
     if not isinstance(value, str):
         raise DataFormatError(
             path, number, f'field "{field}" must be a string, got {type(value).__name__}'
         )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataFormatError(
+            path,
+            number,
+            f'field "{field}" holds an unpaired surrogate escape (\\u{ord(value[err.start]):04x}), '
+            "which is not a character; write the character itself or its full surrogate pair",
+        ) from None
     return value
 
 
@@ -147,14 +185,23 @@ def _gsm8k(path: PathLike, number: int, record: dict[str, Any]) -> GSM8KExample:
 
 
 def _hellaswag_ctx(path: PathLike, number: int, record: dict[str, Any]) -> str:
-    """``ctx``, or ``ctx_a`` + " " + ``ctx_b`` as HellaSwag builds it when ``ctx`` is absent."""
+    """``ctx``, or ``ctx_a`` + " " + ``ctx_b`` as HellaSwag builds it when ``ctx`` is absent;
+    never empty (an empty prompt gives a model no token to start from)."""
     if "ctx" in record:
-        return _field_str(path, number, record, "ctx", _HELLASWAG_NEEDS)
-    if "ctx_a" not in record:
+        ctx = _field_str(path, number, record, "ctx", _HELLASWAG_NEEDS)
+    elif "ctx_a" not in record:
         raise DataFormatError(path, number, f'missing field "ctx" {_HELLASWAG_NEEDS}')
-    ctx_a = _field_str(path, number, record, "ctx_a", _HELLASWAG_NEEDS)
-    ctx_b = _field_str(path, number, record, "ctx_b", _HELLASWAG_NEEDS) if "ctx_b" in record else ""
-    return f"{ctx_a} {ctx_b}" if ctx_b.strip() else ctx_a
+    else:
+        ctx_a = _field_str(path, number, record, "ctx_a", _HELLASWAG_NEEDS)
+        ctx_b = (
+            _field_str(path, number, record, "ctx_b", _HELLASWAG_NEEDS) if "ctx_b" in record else ""
+        )
+        ctx = f"{ctx_a} {ctx_b}" if ctx_b.strip() else ctx_a
+    if not ctx:
+        raise DataFormatError(
+            path, number, 'the context is empty; give the line its "ctx" (or "ctx_a") text'
+        )
+    return ctx
 
 
 def _hellaswag(path: PathLike, number: int, record: dict[str, Any]) -> HellaSwagExample:
@@ -170,10 +217,12 @@ def _hellaswag(path: PathLike, number: int, record: dict[str, Any]) -> HellaSwag
         raise DataFormatError(
             path, number, '"endings" must be a list of strings (HellaSwag has 4 candidates)'
         )
+    for ending in endings:
+        _checked_str(path, number, "endings", ending)
     label = _hellaswag_label(path, number, record.get("label"), len(endings))
     activity = record.get("activity_label")
-    if activity is not None and not isinstance(activity, str):
-        raise DataFormatError(path, number, '"activity_label" must be a string')
+    if activity is not None:
+        activity = _checked_str(path, number, "activity_label", activity)
     return HellaSwagExample(ctx, list(endings), label, activity)
 
 
@@ -182,7 +231,7 @@ def _hellaswag_label(path: PathLike, number: int, raw: Any, n_endings: int) -> i
     some HellaSwag exports store the label as ``"2"``."""
     if raw is None or raw == "":
         return None
-    if isinstance(raw, str) and raw.strip().isdigit():
+    if isinstance(raw, str) and raw.strip().isascii() and raw.strip().isdigit():
         raw = int(raw)
     if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < n_endings:
         raise DataFormatError(

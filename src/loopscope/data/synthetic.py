@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from loopscope.core import atomic
 from loopscope.data.formatting import format_training_example
 
 __all__ = [
@@ -462,7 +463,7 @@ def generate_problems(
 
 
 def write_jsonl(problems: Iterable[Problem], path: str | Path) -> None:
-    """Write GSM8K-format lines ``{"question": ..., "answer": ...}`` (UTF-8, one per line)."""
-    with Path(path).open("w", encoding="utf-8", newline="\n") as f:
-        for p in problems:
-            f.write(json.dumps({"question": p.question, "answer": p.answer}) + "\n")
+    """Write GSM8K-format lines ``{"question": ..., "answer": ...}`` (UTF-8, one per line),
+    atomically: a reader never sees half a file."""
+    lines = [json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in problems]
+    atomic.write_text(path, "".join(lines))

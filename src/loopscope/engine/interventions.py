@@ -28,6 +28,7 @@ from typing import Literal, cast
 import torch
 from torch import Tensor
 
+from loopscope.core.errors import LoopscopeError
 from loopscope.engine.contract import FamilyMeta
 from loopscope.engine.loop import EditPlan
 from loopscope.engine.sites import Site, Stage
@@ -45,10 +46,17 @@ Action = Literal["zero", "replace"] | Callable[[Tensor], Tensor]
 STAGES: tuple[Stage, ...] = ("prelude", "block", "coda")
 COMPONENTS: tuple[Component, ...] = ("attn", "mlp")
 SYNTAX = "STAGE.LAYER.COMPONENT[@RECURRENCES][:ACTION], e.g. block.1.mlp@0,1,2:zero"
+#: More recurrences than any run makes; a range beyond it is a typo, not a request.
+MAX_RECURRENCE = 1_000_000
 
 
-class InterventionError(ValueError):
+class InterventionError(LoopscopeError):
     """An intervention that is malformed or does not fit the model."""
+
+
+def _is_index(value: object) -> bool:
+    """An int ≥ 0 that is not a bool (True would silently mean layer 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass(frozen=True)
@@ -73,11 +81,11 @@ class InterventionSpec:
             raise InterventionError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.component not in COMPONENTS:
             raise InterventionError(f"component must be 'attn' or 'mlp', got {self.component!r}")
-        if not isinstance(self.layer, int) or self.layer < 0:
+        if not _is_index(self.layer):
             raise InterventionError(f"layer must be an int ≥ 0, got {self.layer!r}")
         recs = self.recurrences
         if recs is not None:
-            if not recs or any(not isinstance(r, int) or r < 0 for r in recs):
+            if not recs or not all(_is_index(r) for r in recs):
                 raise InterventionError(
                     f"recurrences must be a non-empty list of ints ≥ 0 or None (all), got {recs!r}"
                 )
@@ -192,29 +200,36 @@ def check_specs(specs: Sequence[InterventionSpec], meta: FamilyMeta, recurrences
 # --------------------------------------------------------------------------- string syntax
 
 
+def _index(text: str) -> int | None:
+    """A plain decimal index (ASCII digits only: ``int`` would also take "١" or "1_0")."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _parse_recurrence_part(part: str, whole: str) -> range:
+    """``N`` or ``A-B`` (inclusive, A ≤ B ≤ MAX_RECURRENCE) as a range."""
+    lo, dash, hi = part.partition("-")
+    a, b = _index(lo), (_index(hi) if dash else _index(lo))
+    if a is None or b is None or b < a:
+        raise InterventionError(
+            f"bad recurrence {part!r} in {whole!r}: use ints ≥ 0 and ranges A-B with A ≤ B, "
+            "separated by commas (e.g. @0,2-4)"
+        )
+    if b > MAX_RECURRENCE:
+        raise InterventionError(
+            f"recurrence {b} in {whole!r} is beyond any run (at most {MAX_RECURRENCE}); "
+            "name the recurrences the run has, or omit '@...' for all of them"
+        )
+    return range(a, b + 1)
+
+
 def _parse_recurrences(text: str, whole: str) -> list[int] | None:
     if text in ("", "all"):
         return None
-    out: list[int] = []
+    out: set[int] = set()
     for part in text.split(","):
-        part = part.strip()
-        lo, dash, hi = part.partition("-")
-        try:
-            if dash:
-                a, b = int(lo), int(hi)
-                if b < a:
-                    raise ValueError
-                out.extend(range(a, b + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise InterventionError(
-                f"bad recurrence {part!r} in {whole!r}: use ints ≥ 0 and ranges A-B with A ≤ B, "
-                "separated by commas (e.g. @0,2-4)"
-            ) from None
-    if any(r < 0 for r in out):
-        raise InterventionError(f"recurrences must be ≥ 0 in {whole!r}")
-    return sorted(set(out))
+        out.update(_parse_recurrence_part(part.strip(), whole))
+    return sorted(out)
 
 
 def _parse_float(text: str, what: str, whole: str) -> float:
@@ -269,7 +284,8 @@ def parse_intervention(text: str) -> InterventionSpec:
     stage, layer_text, component = (p.strip() for p in parts)
     if stage not in STAGES:
         raise InterventionError(f"bad stage {stage!r} in {whole!r}: choose prelude, block or coda")
-    if not layer_text.isdigit():
+    layer = _index(layer_text)
+    if layer is None:
         raise InterventionError(
             f"bad layer {layer_text!r} in {whole!r}: expected a layer index ≥ 0"
         )
@@ -298,7 +314,7 @@ def parse_intervention(text: str) -> InterventionSpec:
         )
     return InterventionSpec(
         stage=cast(Stage, stage),
-        layer=int(layer_text),
+        layer=layer,
         component=cast(Component, component),
         recurrences=recurrences,
         action=action,

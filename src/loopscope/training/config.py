@@ -8,12 +8,34 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+
+from loopscope.core.errors import LoopscopeError
+from loopscope.data.synthetic import MAX_STEPS
 
 RecurrenceSampling = Literal["constant", "huginn"]
 
 
 LossKind = Literal["final", "all-recurrences"]
+
+#: The command-line flag that sets a field, named in its error so the fix is obvious.
+_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "seed": "--seed"}
+#: Fields that count something (≥ 1) or may be zero (≥ 0); the rest are checked by type only.
+_AT_LEAST_ONE = (
+    "steps",
+    "batch_size",
+    "max_recurrences",
+    "min_problem_steps",
+    "eval_every",
+    "eval_problems",
+    "checkpoint_every",
+)
+_AT_LEAST_ZERO = ("warmup_steps", "accuracy_problems")
+_OPTIONAL_AT_LEAST_ONE = ("mean_recurrences", "backprop_depth")
+
+
+class TrainConfigError(LoopscopeError):
+    """A training setting that cannot be run (wrong type, out of range, unknown name)."""
 
 
 @dataclass(frozen=True)
@@ -41,13 +63,75 @@ class TrainConfig:
     accuracy_problems: int = 16
     checkpoint_every: int = 100
 
+    def __post_init__(self) -> None:
+        for name in _AT_LEAST_ONE:
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in _AT_LEAST_ZERO:
+            _check_int(name, getattr(self, name), minimum=0)
+        for name in _OPTIONAL_AT_LEAST_ONE:
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1, optional=True)
+        _check_int("seed", self.seed)
+        _check_int("eval_seed", self.eval_seed)
+        _check_float("lr", self.lr, positive=True)
+        _check_float("min_lr", self.min_lr)
+        _check_float("weight_decay", self.weight_decay)
+        _check_float("grad_clip", self.grad_clip, positive=True)
+        _check_choice("recurrence_sampling", self.recurrence_sampling, RecurrenceSampling)
+        _check_choice("loss", self.loss, LossKind)
+        _check_int("max_problem_steps", self.max_problem_steps, minimum=self.min_problem_steps)
+        if self.max_problem_steps > MAX_STEPS:
+            raise TrainConfigError(
+                f"training config: max_problem_steps must be ≤ {MAX_STEPS} (the longest "
+                f"synthetic problems), got {self.max_problem_steps}"
+            )
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """A config from its saved form (``train_config.json``); unknown fields are refused."""
+        if not isinstance(data, dict):
+            raise TrainConfigError(
+                f"a training config is a JSON object of fields, got {type(data).__name__}"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
+            raise TrainConfigError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+
+def _what(name: str) -> str:
+    flag = _FLAGS.get(name)
+    return f"{name} ({flag})" if flag else name
+
+
+def _check_int(
+    name: str, value: Any, *, minimum: int | None = None, optional: bool = False
+) -> None:
+    """An int (not a bool: True is not a count), at least ``minimum`` when given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "a whole number or null" if optional else "a whole number"
+        raise TrainConfigError(f"training config: {_what(name)} must be {kind}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise TrainConfigError(f"training config: {_what(name)} must be ≥ {minimum}, got {value}")
+
+
+def _check_float(name: str, value: Any, *, positive: bool = False) -> None:
+    """A finite number, > 0 when ``positive`` and ≥ 0 otherwise."""
+    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok_type or not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else "≥ 0"
+        raise TrainConfigError(
+            f"training config: {_what(name)} must be a finite number {bound}, got {value!r}"
+        )
+
+
+def _check_choice(name: str, value: Any, kind: Any) -> None:
+    choices = get_args(kind)
+    if value not in choices:
+        raise TrainConfigError(
+            f"training config: {name} must be one of {', '.join(choices)}; got {value!r}"
+        )
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:

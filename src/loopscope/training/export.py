@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from loopscope.core import atomic
+from loopscope.core.errors import CheckpointError
 from loopscope.families.looplm import load_looplm
 
 
@@ -24,11 +26,17 @@ def export_checkpoint(
     card (``MODEL_CARD.md`` + ``card.json``) saying how it was made and how well it does."""
     from dataclasses import replace
 
+    from loopscope.training.checkpoints import save_checkpoint
     from loopscope.training.config import TrainConfig
     from loopscope.training.evaluation import evaluate
-    from loopscope.training.loop import save_checkpoint
 
     src, dst = Path(source), Path(destination)
+    missing = [n for n in ("train_config.json", "trainer_state.json") if not (src / n).exists()]
+    if missing:
+        raise CheckpointError(
+            f"{src} has no {' or '.join(missing)}, so it is not a training directory: export "
+            "takes the --out directory of `loopscope train`"
+        )
     model = load_looplm(src)
     train_cfg = TrainConfig.from_dict(json.loads((src / "train_config.json").read_text()))
     state = json.loads((src / "trainer_state.json").read_text())
@@ -54,8 +62,8 @@ def export_checkpoint(
         "torch": torch.__version__,
         "history": state["history"],
     }
-    (dst / "card.json").write_text(json.dumps(card, indent=2))
-    (dst / "MODEL_CARD.md").write_text(_card_markdown(card))
+    atomic.write_json(dst / "card.json", card)
+    atomic.write_text(dst / "MODEL_CARD.md", _card_markdown(card))
     return card
 
 

@@ -3,7 +3,8 @@
 Constant or Huginn-style sampled recurrences, truncated backprop depth, loss on the final
 output or summed over recurrences (Ouro), AdamW with warmup + cosine, periodic held-out loss and
 exact-answer accuracy, safetensors checkpoints, and resume after interruption: the batch of step
-s is a pure function of (seed, s), so a resumed run sees exactly the data it would have seen.
+s is a pure function of (seed, s), so a resumed run sees exactly the data it would have seen and
+ends with the same weights, bit for bit (checkpoints: see training/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -13,74 +14,30 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor
 
-from loopscope.core import atomic
+from loopscope.core.errors import LoopscopeError
+from loopscope.training.checkpoints import (
+    CheckpointWriteError,
+    load_training_state,
+    remove_stale_temporaries,
+    save_checkpoint,
+    save_training_state,
+)
 from loopscope.training.config import TrainConfig, learning_rate, sample_recurrences
 from loopscope.training.objective import batch_for_step, training_loss
 
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN/Inf."""
-
-
-# -- checkpoints --------------------------------------------------------------------------
+#: ``save_checkpoint`` lives in training.checkpoints; it is offered here too, where the
+#: training loop that writes checkpoints is.
+__all__ = ["TrainResult", "TrainingDivergedError", "save_checkpoint", "train"]
 
 
-def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic.write_with(path, lambda name: save_file(cpu, name))
-
-
-def model_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
-    """State dict without tied duplicates (safetensors refuses shared storage)."""
-    seen: set[int] = set()
-    tensors: dict[str, Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        key = tensor.data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        tensors[name] = tensor
-    return tensors
-
-
-def save_checkpoint(
-    out_dir: Path, model: Any, train_cfg: TrainConfig, dtype: torch.dtype | None = None
-) -> None:
-    """``model.safetensors`` + ``config.json`` (+ ``train_config.json``), written atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = model_tensors(model)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    _atomic_save_tensors(tensors, out_dir / "model.safetensors")
-    atomic.write_text(out_dir / "config.json", model.config.to_json())
-    atomic.write_text(out_dir / "train_config.json", json.dumps(asdict(train_cfg), indent=2))
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
-    tensors: dict[str, Tensor] = {}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            tensors[f"{index}.{key}"] = torch.as_tensor(value)
-    return tensors
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    flat = load_file(str(path))
-    state: dict[int, dict[str, Tensor]] = {}
-    for name, value in flat.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    full = optimizer.state_dict()
-    full["state"] = state
-    optimizer.load_state_dict(full)
+class TrainingDivergedError(LoopscopeError, RuntimeError):
+    """The loss became NaN/Inf (a RuntimeError too, as the run cannot go on)."""
 
 
 @dataclass
@@ -119,9 +76,10 @@ def train(
     bar = tqdm(
         total=cfg.steps, initial=start, disable=not progress, desc=f"train {model.meta.name}"
     )
-    step = start
+    step = saved = start
     last_save = time.monotonic()
     previous_handler = _stop_on_sigterm()
+    write_failed = False
     try:
         while step < cfg.steps and (stop_after is None or step - start < stop_after):
             for group in optimizer.param_groups:
@@ -150,14 +108,17 @@ def train(
                 history.append(record)
                 log(json.dumps(record))
             if step % cfg.checkpoint_every == 0 or time.monotonic() - last_save > 120:
-                _save_state(out, model, optimizer, cfg, step, history)
-                last_save = time.monotonic()
+                save_training_state(out, model, optimizer, cfg, step, history, resumable=saved)
+                saved, last_save = step, time.monotonic()
+    except CheckpointWriteError:
+        write_failed = True  # the disk refused once; the error says where a rerun resumes
+        raise
     finally:
         bar.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
-        if step > start:
-            _save_state(out, model, optimizer, cfg, step, history)
+        if step > saved and not write_failed:
+            save_training_state(out, model, optimizer, cfg, step, history, resumable=saved)
     return TrainResult(out, step, history, start)
 
 
@@ -182,20 +143,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     ]
 
 
-def _save_state(
-    out: Path,
-    model: Any,
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    step: int,
-    history: list[dict[str, float]],
-) -> None:
-    save_checkpoint(out, model, cfg)
-    _atomic_save_tensors(_optimizer_tensors(optimizer), out / "optimizer.safetensors")
-    state = {"step": step, "history": history, "train_config": asdict(cfg)}
-    atomic.write_text(out / "trainer_state.json", json.dumps(state, indent=2))
-
-
 def _maybe_resume(
     out: Path,
     model: Any,
@@ -203,17 +150,13 @@ def _maybe_resume(
     cfg: TrainConfig,
     log: Callable[[str], None],
 ) -> tuple[int, list[dict[str, float]]]:
-    state_path = out / "trainer_state.json"
-    if not state_path.exists():
+    """Start from the resume snapshot in ``out`` when there is one (step 0 otherwise), after
+    removing the temporary files a killed write may have left there."""
+    if not out.is_dir():
         return 0, []
-    state = json.loads(state_path.read_text())
-    saved_model = json.loads((out / "config.json").read_text())
-    if saved_model != json.loads(model.config.to_json()) or state["train_config"] != asdict(cfg):
-        raise ValueError(
-            f"{out} holds a checkpoint of a different configuration; use another --out "
-            "directory or delete it to start afresh"
-        )
-    model.load_state_dict(load_file(str(out / "model.safetensors")), strict=False)
-    _load_optimizer(optimizer, out / "optimizer.safetensors")
-    log(f"resuming from step {state['step']} in {out}")
-    return int(state["step"]), list(state["history"])
+    remove_stale_temporaries(out)
+    resumed = load_training_state(out, model, optimizer, cfg)
+    if resumed is None:
+        return 0, []
+    log(f"resuming from step {resumed[0]} in {out}")
+    return resumed
