@@ -412,3 +412,20 @@ def test_non_ouro_config_is_refused(tmp_path: Path) -> None:
         load_ouro(tmp_path)
     with pytest.raises(CheckpointError, match="no config.json"):
         load_ouro(tmp_path / "absent")
+
+
+@torch.no_grad()
+def test_ouro_refuses_an_init_state_it_was_not_trained_for(model: OuroLM, ref: dict) -> None:
+    """Ouro has no injection, so its state must start as the embeddings: zeros or random would
+    silently give other logits. The family declares it; the engine refuses by name, and the
+    documented override still runs the experiment."""
+    from loopscope.core.errors import LoopscopeError
+
+    ids = ref["input_ids"]
+    for mode in ("zeros", "random"):
+        with pytest.raises(LoopscopeError, match=r"init_state='(zeros|random)'.*prelude"):
+            model(ids, recurrences=2, init_state=mode)
+    default = model(ids, recurrences=2).logits
+    assert torch.equal(model(ids, recurrences=2, init_state="prelude").logits, default)
+    forced = model(ids, recurrences=2, init_state="zeros", allow_any_init_state=True).logits
+    assert not torch.allclose(forced, default)

@@ -121,6 +121,10 @@ class LoopedLM(nn.Module, ABC):
             return (noise * std).to(inputs.dtype)
         raise ValueError(f"unknown init_state {mode!r}; choose one of {INIT_STATES}")
 
+    #: The initial states this family's weights were trained for. The engine refuses any
+    #: other unless the call passes ``allow_any_init_state=True`` (an experiment on purpose).
+    supported_init_states: tuple[InitState, ...] = INIT_STATES
+
     @property
     def init_std(self) -> float:
         return 1.0

@@ -40,6 +40,10 @@ class LoopOutput:
     recurrence_logits: list[Tensor] = field(default_factory=list)
 
 
+class InitStateError(LoopscopeError):
+    """An initial state the family cannot start from."""
+
+
 class ContextLengthError(LoopscopeError):
     """A prompt is longer than the model's context."""
 
@@ -80,6 +84,17 @@ def _run_layers(
     return hidden
 
 
+def _check_init_state(model: LoopedLM, mode: str, allow_any: bool) -> None:
+    supported = model.supported_init_states
+    if mode in supported or allow_any:
+        return
+    raise InitStateError(
+        f"{model.meta.name or model.meta.family} does not support init_state={mode!r}; "
+        f"choose one of {', '.join(supported)}, or pass allow_any_init_state=True to run "
+        "it anyway as an experiment"
+    )
+
+
 def stage_sites(
     model: LoopedLM, recurrences: int
 ) -> tuple[list[Site], list[list[Site]], list[Site]]:
@@ -104,8 +119,13 @@ def run_loop(
     edit_plan: EditPlan | None = None,
     grad_depth: int | None = None,
     exit_every_recurrence: bool = False,
+    allow_any_init_state: bool = False,
 ) -> LoopOutput:
     """Run ``model`` for ``recurrences`` passes of its block (default: its training count).
+
+    An ``init_state`` outside the family's ``supported_init_states`` is refused unless
+    ``allow_any_init_state=True``: a family without injection (Ouro) only makes sense from the
+    embeddings, and starting elsewhere silently gives different logits.
 
     ``grad_depth`` truncates backpropagation to the last that many recurrences (Huginn's
     training); ``exit_every_recurrence`` also reads logits out after every recurrence.
@@ -114,6 +134,7 @@ def run_loop(
     n_rec = meta.train_recurrences if recurrences is None else int(recurrences)
     _check_inputs(model, input_ids, n_rec)
     mode = init_state or meta.default_init_state
+    _check_init_state(model, mode, allow_any_init_state)
     want_attn = any(p.wants_attention for p in probes) if return_attn is None else return_attn
     positions = model.positions(input_ids.shape[1], input_ids.device)
     prelude_sites, block_sites, coda_sites = stage_sites(model, n_rec)

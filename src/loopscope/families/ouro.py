@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loopscope.engine.contract import FamilyMeta, LoopedLM, LoopLayer
+from loopscope.engine.contract import FamilyMeta, InitState, LoopedLM, LoopLayer
 from loopscope.engine.sites import Site
 from loopscope.families.checkpoint import (
     CheckpointError,
@@ -256,6 +256,9 @@ class _OuroBody(nn.Module):
 class OuroLM(LoopedLM):
     """Ouro behind the family interface: p = c = 0, block = every decoder layer,
     ``recurrence_norm`` = ``model.norm``, ``head`` = ``lm_head`` on the normed state."""
+
+    #: Ouro has no injection: its state is the embeddings, so only "prelude" reproduces it.
+    supported_init_states: tuple[InitState, ...] = ("prelude",)
 
     def __init__(self, config: OuroConfig) -> None:
         super().__init__()
