@@ -407,3 +407,16 @@ def test_errors_print_one_line_and_exit_2(
 def test_one_line_joins_a_multi_line_message() -> None:
     assert one_line(LoopscopeError("first line\n  second line\n")) == "first line second line"
     assert one_line(KeyError("no such key")) == "no such key"
+
+
+def test_a_malformed_command_line_is_one_line_with_status_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """argparse's own errors (a value of the wrong type, an unknown command) follow the same
+    one-line, status-2 rule as every other loopscope error."""
+    for argv in (["train", "--steps", "x"], ["no-such-command"], ["trace"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("loopscope: error:") and "\n" not in err, err

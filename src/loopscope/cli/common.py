@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from loopscope.core.errors import LoopscopeError
 
@@ -306,6 +306,14 @@ def _add_command(sub: argparse._SubParsersAction, command: Command, path: str) -
         parser.set_defaults(command_row=command, command_path=path)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line with status 2, like every other
+    loopscope error, instead of the usage block (``--help`` still shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"loopscope: error: {self.prog}: {' '.join(message.split())}\n")
+
+
 def build_parser(
     commands: Sequence[Command],
     *,
@@ -313,7 +321,7 @@ def build_parser(
     description: str = "Take looped (recurrent-depth) language models apart.",
 ) -> argparse.ArgumentParser:
     """An ``argparse`` parser with one sub-command per row of ``commands``, in that order."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = OneLineParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in commands:
         _add_command(sub, command, command.name)
