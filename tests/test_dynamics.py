@@ -75,6 +75,7 @@ def test_successive_differences_shrink_geometrically(contractive):
     np.testing.assert_allclose(sd.norm[1:, 0] / sd.norm[:-1, 0], 0.8, rtol=rtol)
     cur = states[1:, 0].reshape(29, -1)
     np.testing.assert_allclose(sd.relative[:, 0], sd.norm[:, 0] / np.linalg.norm(cur, axis=1))
+    # not a rounding tolerance: after 30 steps the states still turn, cos = 1 − 4e-7
     assert sd.cosine[-1, 0] == pytest.approx(1.0, abs=1e-5)
     assert np.all(sd.cosine <= 1.0)
 
@@ -94,6 +95,7 @@ def test_degenerate_vs_distinct_fixed_points():
     point = rng.normal(size=(4, 16))
     collapsed = np.stack([point, point * 2.0, point + 1e-6])  # same direction per token
     deg = dyn.degeneracy(collapsed)
+    # not a rounding tolerance: the 1e-6 shift itself turns the direction by ~1e-6/‖point‖
     assert deg.min_cosine == pytest.approx(1.0, abs=1e-6)
     assert deg.is_degenerate() and deg.pairwise.shape == (3, 3)
     distinct = np.stack([point, rng.normal(size=(4, 16)), -point])

@@ -116,4 +116,5 @@ def test_attention_block_matches_dense_jacobian():
         est = spectral_radius(lambda z: layer(z), x, iters=150)
     dense = torch.autograd.functional.jacobian(lambda z: layer(z), x).reshape(128, 128)
     expected = float(torch.linalg.eigvals(dense.double()).abs().max())
+    # a convergence tolerance: restarted Arnoldi's 150 JVPs on a non-normal 128-dim Jacobian
     assert est.converged and est.radius == pytest.approx(expected, rel=1e-3)
