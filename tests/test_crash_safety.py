@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 
 import pytest
 import torch
+from helpers import quiet as _quiet
 from safetensors import safe_open
 
 import loopscope
@@ -358,7 +359,3 @@ def test_a_torn_resume_snapshot_is_refused_with_its_fix(tmp_path: Path) -> None:
     snapshot.write_bytes(snapshot.read_bytes()[:1000])
     with pytest.raises(LoopscopeError, match=r"cannot be read as a resume snapshot.*delete"):
         train(LoopLM(named.model), cfg, out, progress=False, log=_quiet)
-
-
-def _quiet(_: str) -> None:
-    pass

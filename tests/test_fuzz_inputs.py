@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import DEMO_PROMPTS, FIXTURES, REPO_ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
@@ -40,9 +41,7 @@ from loopscope.families.looplm import LoopConfig, LoopLM
 from loopscope.training.config import TrainConfig
 from loopscope.training.loop import save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures"
-DEMO_PROMPTS = ROOT / "src" / "loopscope" / "assets" / "prompts" / "demo.jsonl"
+ROOT = REPO_ROOT
 
 # Hypothesis caches what it learns under .hypothesis/ in the working directory; keep the
 # working tree clean.

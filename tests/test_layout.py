@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import SOURCE_PACKAGE
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loopscope"
+PACKAGE = SOURCE_PACKAGE
 
 #: Layers in the order data flows; a module may import its own layer or an earlier one.
 LAYERS: dict[str, float] = {

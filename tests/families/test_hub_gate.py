@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FIXTURES, SOURCE_PACKAGE
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loopscope"
+PACKAGE = SOURCE_PACKAGE
 GATE = PACKAGE / "families" / "hub.py"
-FIXTURE = Path(__file__).parent / "fixtures" / "raven" / "huginn" / "checkpoint"
+FIXTURE = FIXTURES / "raven" / "huginn" / "checkpoint"
 
 #: Entry points that make transformers / huggingface_hub read a checkpoint or the hub cache.
 LOADING_NAMES = ("from_pretrained", "snapshot_download", "hf_hub_download", "AutoTokenizer")

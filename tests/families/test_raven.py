@@ -13,6 +13,8 @@ from typing import cast
 import numpy as np
 import pytest
 import torch
+from helpers import FIXTURES as ALL_FIXTURES
+from helpers import edited_checkpoint, made_with_this_torch
 from safetensors.torch import load_file, save_file
 from tolerances import (
     cast_tolerance,
@@ -39,7 +41,7 @@ from loopscope.families.raven import (
 )
 from loopscope.nn.layers import Edit
 
-FIXTURES = Path(__file__).parent / "fixtures" / "raven"
+FIXTURES = ALL_FIXTURES / "raven"
 VARIANTS = {"huginn": "huginn", "retro_llama": "llama", "retro_olmo": "olmo2"}
 RECURRENCES = (1, 4, 8, 16)
 STATE_SEED = 1234  # the seed the reference's global generator had when it drew Z0
@@ -65,10 +67,7 @@ def case(request: pytest.FixtureRequest) -> tuple[str, RavenLM, dict[str, torch.
 
 # ------------------------------------------------------------------- numerics vs reference
 def _same_torch_as_reference(name: str) -> bool:
-    """Torch's CPU random streams differ between releases, so a seeded draw can only be compared
-    bit for bit with the reference's draw under the torch version that made the fixture."""
-    made_with = json.loads((FIXTURES / name / "reference.json").read_text())["torch"]
-    return bool(made_with.split("+")[0] == torch.__version__.split("+")[0])
+    return made_with_this_torch(FIXTURES / name)
 
 
 def _logits_from_state(model: RavenLM, ids: torch.Tensor, z0: torch.Tensor, r: int) -> torch.Tensor:
@@ -274,13 +273,7 @@ def test_bf16_load_casts_every_tensor_and_stays_close() -> None:
 
 # ------------------------------------------------------------------- loading errors
 def _copy_with(tmp: Path, name: str, edit: Callable[[dict[str, torch.Tensor]], object]) -> Path:
-    out = tmp / f"{name}-{len(list(tmp.iterdir()))}"
-    out.mkdir()
-    shutil.copy(_checkpoint(name) / "config.json", out / "config.json")
-    tensors = load_file(str(_checkpoint(name) / "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(out / "model.safetensors"))
-    return out
+    return edited_checkpoint(_checkpoint(name), tmp, edit, prefix=name)
 
 
 def test_missing_unexpected_and_misshaped_tensors_are_all_listed(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO_ROOT
 
 from loopscope.cli.common import build_parser, one_line, run_options
 from loopscope.cli.main import COMMANDS, main
@@ -245,7 +246,7 @@ def test_help_lists_every_command_of_the_table_in_order(
     assert names == [*expected, "export"]
     positions = [listing.index(f"    {name} ") for name in names]
     assert positions == sorted(positions)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
     assert all(f"`loopscope {name}" in readme for name in names)
 
 

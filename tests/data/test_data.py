@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DEMO_PROMPTS
 
 from loopscope.data import (
     CONTEXT_BYTES,
@@ -30,7 +31,7 @@ from loopscope.data import (
 )
 from loopscope.data.synthetic import ANSWER_MAX_CHARS, MAX_STEPS, QUESTION_MAX_CHARS
 
-ASSET = Path(__file__).resolve().parents[1] / "src/loopscope/assets/prompts/demo.jsonl"
+ASSET = DEMO_PROMPTS
 UNICODE_TEXTS = [
     "",
     "plain ascii",

@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DEMO_PROMPTS
 
 import loopscope
 from loopscope.cli.main import main
 from loopscope.trace import TraceError, TraceStore, writer
 
 SRC = Path(loopscope.__file__).resolve().parents[1]
-PROMPTS = Path(loopscope.__file__).resolve().parent / "assets" / "prompts" / "demo.jsonl"
+PROMPTS = DEMO_PROMPTS
 CHUNK = re.compile(r"prompt_\d{5}")
 #: Four bundled prompts, long enough runs that a chunk takes a while to compute and write.
 ARGS = [

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FIXTURES
 
 from loopscope.data import ByteTokenizer
 from loopscope.families.checkpoint import CheckpointError
@@ -14,8 +15,6 @@ from loopscope.families.looplm import LoopConfig, LoopLM
 from loopscope.families.table import tokenizer_for
 from loopscope.training.config import TrainConfig
 from loopscope.training.loop import save_checkpoint
-
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def test_our_models_use_the_byte_tokenizer(tmp_path: Path) -> None:

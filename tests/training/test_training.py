@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import quiet as _quiet
 from safetensors.torch import load_file, save_file
 from tolerances import rounding_tolerance
 
@@ -51,10 +52,6 @@ CFG = TrainConfig(
     max_problem_steps=1,
     checkpoint_every=4,
 )
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 def test_training_lowers_held_out_loss(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import random_prompts, tiny_trace_config
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 from tolerances import rounding_tolerance
@@ -25,26 +26,14 @@ from loopscope.analysis.registry import (
     VerdictColumn,
 )
 from loopscope.analysis.report_parts import Figure
-from loopscope.families.looplm import LoopConfig, LoopLM
+from loopscope.families.looplm import LoopLM
 from loopscope.pipeline import report
 from loopscope.report.trace_report import run_measurements
 from loopscope.trace.settings import PromptInput, TraceSettings
 from loopscope.trace.store import TraceStore
 from loopscope.trace.writer import trace_prompts
 
-TINY = LoopConfig(
-    name="tiny-measures",
-    vocab_size=259,
-    d_model=16,
-    n_heads=2,
-    prelude_layers=1,
-    block_layers=2,
-    coda_layers=1,
-    train_recurrences=3,
-    context_length=24,
-    injection="concat-linear",
-    norm_scheme="huginn",
-)
+TINY = tiny_trace_config(name="tiny-measures")
 RECURRENCES = 12
 SETTINGS = TraceSettings(
     recurrences=RECURRENCES, stability_prompts=1, stability_iters=8, attention_recurrences=4
@@ -53,11 +42,7 @@ NEEDS_STATES = "needs stored states: trace with --capture full, keeping every re
 
 
 def _prompts() -> list[PromptInput]:
-    gen = torch.Generator().manual_seed(1)
-    return [
-        PromptInput(f"prompt {i}", torch.randint(0, 256, (5 + i,), generator=gen).tolist())
-        for i in range(2)
-    ]
+    return random_prompts(2, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from typing import Any, cast
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from helpers import FIXTURES, edited_checkpoint, made_with_this_torch
+from safetensors.torch import load_file
 from tolerances import (
     forward_tolerance,
     magnitude,
@@ -41,7 +42,7 @@ from loopscope.families.raven import is_raven_config
 from loopscope.nn.injection import DiscretisedDiagonalInjection
 from loopscope.nn.layers import Edit
 
-FIXTURE = Path(__file__).parent / "fixtures" / "parcae"
+FIXTURE = FIXTURES / "parcae"
 CHECKPOINT = FIXTURE / "checkpoint"
 RECURRENCES = (1, 4, 8, 16)
 STATE_SEED = 1234  # the seed the reference's global generator had when it drew Z0
@@ -76,10 +77,7 @@ def _logits_from_state(
 
 
 def _same_torch_as_reference() -> bool:
-    """Torch's CPU random streams differ between releases, so a seeded draw can only be compared
-    bit for bit with the reference's draw under the torch version that made the fixture."""
-    made_with = json.loads((FIXTURE / "reference.json").read_text())["torch"]
-    return bool(made_with.split("+")[0] == torch.__version__.split("+")[0])
+    return made_with_this_torch(FIXTURE)
 
 
 # ------------------------------------------------------------------- numerics vs reference
@@ -330,14 +328,7 @@ def _copy_with(
     edit: Callable[[dict[str, torch.Tensor]], object],
     config_change: dict | None = None,
 ) -> Path:
-    out = tmp / f"parcae-{len(list(tmp.iterdir()))}"
-    out.mkdir()
-    config = {**json.loads((CHECKPOINT / "config.json").read_text()), **(config_change or {})}
-    (out / "config.json").write_text(json.dumps(config))
-    tensors = load_file(str(CHECKPOINT / "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(out / "model.safetensors"))
-    return out
+    return edited_checkpoint(CHECKPOINT, tmp, edit, config_change, prefix="parcae")
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ from typing import Any, cast
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from helpers import FIXTURES, edited_checkpoint
+from safetensors.torch import load_file
 from tolerances import (
     cast_tolerance,
     forward_depth,
@@ -43,7 +44,7 @@ from loopscope.families.parcae import is_parcae_config
 from loopscope.families.raven import is_raven_config
 from loopscope.nn.layers import Edit
 
-FIXTURE = Path(__file__).parent / "fixtures" / "ouro"
+FIXTURE = FIXTURES / "ouro"
 CHECKPOINT = FIXTURE / "checkpoint"
 RECURRENCES = (1, 2, 4, 8)
 THRESHOLDS = (0.3, 0.6)
@@ -363,14 +364,7 @@ def _copy_with(
     edit: Callable[[dict[str, torch.Tensor]], object],
     config_change: dict | None = None,
 ) -> Path:
-    out = tmp / f"ouro-{len(list(tmp.iterdir()))}"
-    out.mkdir()
-    config = {**json.loads((CHECKPOINT / "config.json").read_text()), **(config_change or {})}
-    (out / "config.json").write_text(json.dumps(config))
-    tensors = load_file(str(CHECKPOINT / "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(out / "model.safetensors"))
-    return out
+    return edited_checkpoint(CHECKPOINT, tmp, edit, config_change, prefix="ouro")
 
 
 def test_missing_unexpected_and_misshaped_tensors_are_all_listed(tmp_path: Path) -> None:

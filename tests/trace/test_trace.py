@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_TRACE_CONFIG, random_prompts
 from tolerances import magnitude, rounding_tolerance
 
 from loopscope.analysis import dynamics as dyn
@@ -17,42 +18,26 @@ from loopscope.data import DataFormatError
 from loopscope.engine.cache import ActivationCache
 from loopscope.engine.loop import ContextLengthError
 from loopscope.engine.sites import Site
-from loopscope.families.looplm import LoopConfig, LoopLM
+from loopscope.families.looplm import LoopLM
 from loopscope.nn.layers import Edit
 from loopscope.pipeline import prompt_inputs, report
 from loopscope.trace.settings import PromptInput, TraceError, TraceSettings
 from loopscope.trace.store import TraceStore
 from loopscope.trace.writer import trace_prompts
 
-TINY = LoopConfig(
-    name="tiny-trace",
-    vocab_size=259,
-    d_model=16,
-    n_heads=2,
-    prelude_layers=1,
-    block_layers=2,
-    coda_layers=1,
-    train_recurrences=3,
-    context_length=24,
-    injection="concat-linear",
-    norm_scheme="huginn",
-)
+TINY = TINY_TRACE_CONFIG
 SETTINGS = TraceSettings(
     recurrences=12, stability_prompts=1, stability_iters=12, attention_recurrences=4
 )
 
 
 def _prompts(n: int = 3) -> list[PromptInput]:
-    gen = torch.Generator().manual_seed(0)
-    return [
-        PromptInput(f"prompt {i}", torch.randint(0, 256, (5 + i,), generator=gen).tolist())
-        for i in range(n)
-    ]
+    return random_prompts(n, seed=0)
 
 
 @pytest.fixture(scope="module")
-def model() -> LoopLM:
-    return LoopLM(TINY).eval()
+def model(tiny_trace_model: LoopLM) -> LoopLM:
+    return tiny_trace_model
 
 
 def _online_tolerances(block: np.ndarray) -> tuple[float, float]:
