@@ -277,3 +277,20 @@ def test_commands_never_run_or_offer_to_run_the_shipped_code(
         assert result.returncode == 0, result.stderr
     else:
         assert result.returncode == 2 and REFUSAL in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("source", ["/no-such-model", "./no/such", "~/no-such/model"])
+def test_a_missing_path_is_reported_as_a_missing_path_not_as_a_hub_id(source: str) -> None:
+    import loopscope
+    from loopscope.core.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a local directory and not a hub id"):
+        loopscope.load(source)
+
+
+def test_an_org_name_pair_is_looked_up_in_the_local_cache_only() -> None:
+    import loopscope
+    from loopscope.core.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):
+        loopscope.load("no-such-org/no-such-model")

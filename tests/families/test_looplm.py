@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tolerances import (
     forward_tolerance,
     magnitude,
@@ -17,6 +22,7 @@ from tolerances import (
 
 from loopscope.core.errors import CheckpointError
 from loopscope.engine.loop import ContextLengthError, block_step, prelude_output
+from loopscope.families.checkpoint import bundled_model_dir, expected_shapes
 from loopscope.families.looplm import LoopConfig, LoopLM, load_looplm
 from loopscope.nn.injection import INJECTIONS
 from loopscope.nn.layers import NORM_SCHEMES
@@ -362,3 +368,37 @@ def test_embed_init_std_scales_only_the_token_embeddings() -> None:
     assert all(torch.equal(scaled[k], default[k]) for k in default if k not in tied)
     with pytest.raises(ValueError, match="embed_init_std"):
         base.with_(embed_init_std=-0.5)
+
+
+def _demo_copy(tmp_path: Path, change: Callable[[dict[str, Any]], object]) -> Path:
+    """The bundled looped model's checkpoint with its config.json changed by ``change``."""
+    directory = tmp_path / "demo-copy"
+    shutil.copytree(bundled_model_dir("demo-looped"), directory)
+    config = json.loads((directory / "config.json").read_text())
+    change(config)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_a_missing_shape_field_is_named_rather_than_defaulted(tmp_path: Path) -> None:
+    directory = _demo_copy(tmp_path, lambda c: c.pop("d_model"))
+    with pytest.raises(CheckpointError, match=r"config\.json: no d_model; add it to config\.json"):
+        load_looplm(directory)
+
+
+def test_a_wrong_width_lists_a_few_mis_shaped_tensors_and_counts_the_rest(tmp_path: Path) -> None:
+    directory = _demo_copy(tmp_path, lambda c: c.update(d_model=128))
+    with pytest.raises(CheckpointError) as err:
+        load_looplm(directory)
+    message = str(err.value)
+    assert "mis-shaped tensors: " in message
+    listed = message.split("mis-shaped tensors: ")[1].split("; … and ")[0].split("; ")
+    assert len(listed) == 8
+    more = int(message.split("; … and ")[1].split(" more")[0])
+    wide = expected_shapes(LoopLM(load_config(directory)))
+    stored = load_file(str(directory / "model.safetensors"))
+    assert len(listed) + more == sum(tuple(stored[k].shape) != tuple(wide[k]) for k in wide)
+
+
+def load_config(directory: Path) -> LoopConfig:
+    return LoopConfig.from_dict(json.loads((directory / "config.json").read_text()))

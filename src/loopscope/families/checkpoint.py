@@ -143,6 +143,18 @@ def _unreadable(file: Path, err: Exception) -> CheckpointError:
     )
 
 
+#: How many names of each kind an error lists: a wrong width mis-shapes every tensor, and a
+#: one-line error of sixty names hides the few that say what is wrong.
+_NAMES_SHOWN = 8
+
+
+def _first(names: Sequence[str], separator: str) -> str:
+    """The first ``_NAMES_SHOWN`` of ``names`` and how many more there are."""
+    shown = separator.join(names[:_NAMES_SHOWN])
+    rest = len(names) - _NAMES_SHOWN
+    return f"{shown}{separator}… and {rest} more" if rest > 0 else shown
+
+
 def check_tensors(expected: dict[str, torch.Size], found: dict[str, Tensor], source: str) -> None:
     """Raise one error naming every missing, unexpected, mis-shaped and non-float tensor (every
     weight of every family is floating point; an integer one would be cast silently)."""
@@ -159,13 +171,13 @@ def check_tensors(expected: dict[str, torch.Size], found: dict[str, Tensor], sou
         if not found[k].is_floating_point()
     )
     if missing or unexpected or misshaped or not_float:
-        parts = [f"non-float tensors: {', '.join(not_float)}"] if not_float else []
+        parts = [f"non-float tensors: {_first(not_float, ', ')}"] if not_float else []
         if missing:
-            parts.append(f"missing tensors: {', '.join(missing)}")
+            parts.append(f"missing tensors: {_first(missing, ', ')}")
         if unexpected:
-            parts.append(f"unexpected tensors: {', '.join(unexpected)}")
+            parts.append(f"unexpected tensors: {_first(unexpected, ', ')}")
         if misshaped:
-            parts.append(f"mis-shaped tensors: {'; '.join(misshaped)}")
+            parts.append(f"mis-shaped tensors: {_first(misshaped, '; ')}")
         raise CheckpointError(
             f"{source} does not match its config.json — "
             + " | ".join(parts)

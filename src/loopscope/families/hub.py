@@ -32,8 +32,17 @@ def fetch_hint(repo_id: str) -> str:
 
 
 def looks_like_hub_id(source: str) -> bool:
-    """``org/name`` that is not an existing local path."""
-    return source.count("/") == 1 and not Path(source).expanduser().exists()
+    """``org/name`` that is not an existing local path. An absolute, home or dot-relative path
+    (``/x/y``, ``~/x``, ``./x``) is a path even when it does not exist, so that a mistyped
+    directory is reported as a missing directory, not as a malformed repository id."""
+    org, _, name = source.partition("/")
+    return (
+        source.count("/") == 1
+        and bool(org)
+        and bool(name)
+        and not source.startswith((".", "~"))
+        and not Path(source).expanduser().exists()
+    )
 
 
 def cached_snapshot(repo_id: str) -> Path:
@@ -148,3 +157,31 @@ def _unbuildable(directory: Path, err: Exception) -> CheckpointError:
         f"({type(err).__name__}: {_one_line(err)}); correct that field of config.json (compare "
         "it with the model's published config.json) or download the checkpoint again"
     )
+
+
+def chat_template_of(tokenizer: Any) -> str | None:
+    """The chat template a loaded tokenizer carries (its Jinja source), None when it has none.
+    A tokenizer with several named templates gives its ``default`` one."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def render_chat_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """``messages`` rendered by the tokenizer's own chat template as text, with the prompt
+    that opens the assistant's turn. transformers renders templates in a sandboxed Jinja
+    environment, so a template cannot run code; no file is read here."""
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+    except Exception as err:  # a template error is the checkpoint's, reported as one line
+        raise CheckpointError(
+            f"the chat template of {getattr(tokenizer, 'name_or_path', 'this tokenizer')} "
+            f"fails on a {'/'.join(m['role'] for m in messages)} conversation "
+            f"({type(err).__name__}: {_one_line(err)}); use --format raw"
+        ) from None
+    if not isinstance(text, str):
+        raise CheckpointError("the chat template did not render to text; use --format raw")
+    return text

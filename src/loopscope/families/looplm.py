@@ -277,12 +277,28 @@ _COUNTS = ("prelude_layers", "coda_layers", "init_seed")
 _POSITIVE = ("mlp_ratio", "rope_base", "norm_eps")
 _NUMBERS = ("residual_scale", "init_std", "adapter_init_noise", "embed_init_std")
 _CHOICES = {"norm_type": get_args(NormType), "mlp_type": get_args(MLPType)}
+#: Fields that fix the shapes of the weights. loopscope's export always writes them; without
+#: one, LoopConfig's default would be used and every tensor would then be reported mis-shaped.
+_SHAPE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_heads",
+    "prelude_layers",
+    "block_layers",
+    "coda_layers",
+)
 
 
 def _check_field_types(raw: Mapping[str, Any]) -> None:
     """Refuse a config.json field of the wrong type or range, by name, before a model is built
     from it (a string layer count would otherwise fail deep inside torch)."""
     fields_ = ConfigFields(raw)
+    absent = [key for key in _SHAPE_FIELDS if key not in raw]
+    if absent:
+        raise CheckpointError(
+            f"no {', '.join(absent)}; add {'them' if len(absent) > 1 else 'it'} to config.json "
+            "with the value the weights were trained with"
+        )
     for key in raw:
         if raw[key] is None and key != "recurrence_norm":  # the one field that may be null
             raise CheckpointError(f"{key} is null; give it its value, or remove it for the default")
