@@ -14,11 +14,13 @@ import pytest
 import torch
 from tolerances import rounding_tolerance
 
+from loopscope.cli.ablate import INIT_CHOICES as cli_init_choices
 from loopscope.cli.ablate import main as ablate_main
 from loopscope.nn.injection import INJECTIONS
 from loopscope.nn.layers import NORM_SCHEMES
 from loopscope.studies.ablation.measures import measure_states
 from loopscope.studies.ablation.presets import (
+    INIT_CHOICES,
     RANDOM_INIT_PRESETS,
     TRAINED_PRESETS,
     random_init_preset,
@@ -184,8 +186,12 @@ def test_random_init_sweep_resumes_skipping_finished_cells(tmp_path: Path) -> No
 
 def test_diverging_cell_is_not_stable_and_the_sweep_continues(tmp_path: Path) -> None:
     # In float16 a 10⁶ residual scale overflows a pre-norm stream (nothing renormalises it),
-    # while Huginn's sandwich renormalises after every branch and stays finite.
-    preset = replace(TINY, dtype="float16", residual_scale=1e6, recurrences=32)
+    # while Huginn's sandwich renormalises after every branch and stays finite. At LoopLM's own
+    # init, that is: 10⁶ × a branch of Huginn's own (larger) init passes float16's 65504 before
+    # the sandwich norm can act.
+    preset = replace(
+        TINY, dtype="float16", residual_scale=1e6, recurrences=32, init="identity-adapter"
+    )
     run = run_random_init(tmp_path, preset, progress=False, log=_silent)
     by_key = {r.cell.key: r for r in run.results}
     pre, huginn = by_key["pre-none-k2-s0"], by_key["huginn-none-k2-s0"]
@@ -298,6 +304,8 @@ def test_trained_mini_grid_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     looped, ff = run.results
     assert looped.steps == 3 and looped.verdict in (NOT_STABLE, STABLE_DEGENERATE, STABLE_DISTINCT)
     assert ff.feedforward and ff.verdict == "—"
+    assert looped.init == ff.init == "retrofit"  # pre-norm cells start as the retrofit models
+    assert looped.direction != "—" and ff.direction == "—"
     assert 0.0 <= looped.eval_accuracy <= 1.0 and math.isfinite(looped.eval_loss)
     cell_dir = tmp_path / "cells" / looped_name
     assert (cell_dir / "report" / "report.html").exists()
@@ -348,3 +356,47 @@ def test_cli_random_init_takes_the_adapter_and_embedding_init(
     assert "--adapter-init-noise is a standard deviation" in capsys.readouterr().err
     assert ablate_main([*args, "--embed-init-std", "-1"]) == 2
     assert "--embed-init-std is a standard deviation" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- init schemes
+
+
+def test_each_cell_starts_from_its_familys_init_and_records_it(tmp_path: Path) -> None:
+    preset = replace(TINY, norms=("pre", "huginn", "ouro"))
+    run = run_random_init(tmp_path, preset, progress=False, log=_silent)
+    inits = {r.cell.norm: r.init for r in run.results}
+    assert inits == {"pre": "retrofit", "huginn": "huginn", "ouro": "ouro"}
+    saved = json.loads((tmp_path / "cells" / "huginn-none-k2-s0.json").read_text())
+    assert saved["init"] == "huginn"
+    assert saved["direction"] in ("converged", "still shrinking", "not shrinking")
+    assert "| huginn | none | 2 | huginn |" in (tmp_path / "table.md").read_text()
+    assert json.loads((tmp_path / "sweep.json").read_text())["init"] == "family"
+
+    # A cell written before the init was recorded reads back as LoopLM's own start.
+    old = {k: v for k, v in saved.items() if k not in ("init", "direction", "norm_curve")}
+    back = CellResult.from_json(old)
+    assert back.init == "identity-adapter" and back.direction == "—" and back.norm_curve == []
+
+
+def test_one_init_for_every_cell_and_unknown_inits_are_refused(tmp_path: Path) -> None:
+    run = run_random_init(tmp_path, replace(TINY, init="ouro"), progress=False, log=_silent)
+    assert {r.init for r in run.results} == {"ouro"}
+    with pytest.raises(ValueError, match="unknown init 'xavier'"):
+        random_init_grid(replace(TINY, init="xavier"))
+
+
+def test_cli_init_flag_and_its_conflicts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "ablate", "random-init", "--out", str(tmp_path), "--norms", "pre",
+        "--injections", "concat-linear", "--block-sizes", "2", "--seeds", "1", "--no-progress",
+    ]  # fmt: skip
+    assert cli_init_choices == INIT_CHOICES
+    assert ablate_main([*args, "--init", "huginn"]) == 0
+    assert json.loads((tmp_path / "sweep.json").read_text())["init"] == "huginn"
+    cell = json.loads((tmp_path / "cells" / "pre-concat-linear-k2-s0.json").read_text())
+    assert cell["init"] == "huginn"
+    capsys.readouterr()
+    assert ablate_main([*args, "--init", "huginn", "--adapter-init-noise", "0.1"]) == 2
+    assert "pass --init identity-adapter" in capsys.readouterr().err

@@ -13,10 +13,15 @@ from dataclasses import replace
 
 from loopscope.cli.common import Command, CommonFlags, RunOptions, run_cli
 from loopscope.core.errors import LoopscopeError
+from loopscope.nn.inits import INIT_SCHEMES
 from loopscope.nn.injection import INJECTIONS
 from loopscope.nn.layers import NORM_SCHEMES
 
 __all__ = ["ABLATE"]
+
+#: ``--init`` choices, the same as ``loopscope.studies.ablation.presets.INIT_CHOICES`` (a test
+#: checks it), kept here so that building the parser does not import the studies.
+INIT_CHOICES = ("family", *INIT_SCHEMES)
 
 
 def _cmd_random_init(args: argparse.Namespace) -> int:
@@ -33,6 +38,7 @@ def _cmd_random_init(args: argparse.Namespace) -> int:
         norms=args.norms,
         injections=args.injections,
     )
+    preset = replace(preset, init=_chosen_init(args))
     for name in ("adapter_init_noise", "embed_init_std"):
         value = getattr(args, name)
         if value is None:
@@ -59,6 +65,24 @@ def _cmd_random_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chosen_init(args: argparse.Namespace) -> str:
+    """``--init``; ``--adapter-init-noise`` / ``--embed-init-std`` set the identity-adapter
+    start, so alone they choose it, and with another ``--init`` they are refused."""
+    tuned = [
+        "--" + name.replace("_", "-")
+        for name in ("adapter_init_noise", "embed_init_std")
+        if getattr(args, name, None) is not None
+    ]
+    if args.init is None:
+        return "identity-adapter" if tuned else "family"
+    if tuned and args.init != "identity-adapter":
+        raise LoopscopeError(
+            f"{' and '.join(tuned)} set the identity-adapter start, not --init {args.init}; "
+            "drop them or pass --init identity-adapter"
+        )
+    return str(args.init)
+
+
 def _cmd_trained(args: argparse.Namespace) -> int:
     from loopscope.studies.ablation.presets import trained_preset
     from loopscope.studies.ablation.sweeps import run_trained
@@ -71,6 +95,7 @@ def _cmd_trained(args: argparse.Namespace) -> int:
         norms=args.norms,
         injections=args.injections,
     )
+    preset = replace(preset, init=_chosen_init(args))
     if options.batch_size is not None:
         preset = replace(preset, train=replace(preset.train, batch_size=options.batch_size))
     if options.limit is not None:
@@ -98,6 +123,14 @@ def _add_sweep_options(p: argparse.ArgumentParser, blocks_help: str) -> None:
     p.add_argument("--block-sizes", dest="block_sizes", nargs="+", type=int, help=blocks_help)
     p.add_argument("--norms", nargs="+", choices=NORM_SCHEMES, help="norm schemes to include")
     p.add_argument("--injections", nargs="+", choices=INJECTIONS, help="injections to include")
+    p.add_argument(
+        "--init",
+        choices=INIT_CHOICES,
+        help="weight init of every cell: family (default: Huginn's scaled init for the huginn "
+        "sandwich, Ouro's for the ouro sandwich, the retrofit models' Llama-style init for "
+        "pre/post-norm), one scheme for all cells, or identity-adapter (LoopLM's own (Z+X)/√2 "
+        "adapter start; implied by --adapter-init-noise / --embed-init-std)",
+    )
 
 
 def _add_random_init_options(p: argparse.ArgumentParser) -> None:
@@ -105,14 +138,15 @@ def _add_random_init_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--adapter-init-noise",
         type=float,
-        help="σ of the noise on concat-linear adapters' (Z+X)/√2 start (default 0.02, which "
+        help="identity-adapter init: σ of the noise on concat-linear adapters' (Z+X)/√2 start "
+        "(default 0.02, which "
         "contracts only below width ≈ 215; c/√width with c < 0.29 contracts at any width)",
     )
     p.add_argument(
         "--embed-init-std",
         type=float,
-        help="σ of the token embeddings, which are Z0 = X here (default 0.02, about 0.02× a "
-        "normalised stream)",
+        help="identity-adapter init: σ of the token embeddings, which are Z0 = X here (default "
+        "0.02, about 0.02× a normalised stream)",
     )
 
 

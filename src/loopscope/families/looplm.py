@@ -32,6 +32,7 @@ from loopscope.families.checkpoint import (
     read_config,
     weight_files,
 )
+from loopscope.nn.inits import InitScheme, InitSizes, apply_init
 from loopscope.nn.injection import INJECTIONS, InjectionKind, make_injection
 from loopscope.nn.layers import NORM_SCHEMES, BlockLayer, MLPType, NormScheme
 from loopscope.nn.norms import NormType, make_norm
@@ -171,14 +172,20 @@ class LoopLM(LoopedLM):
             eps=c.norm_eps,
         )
 
-    def reset_parameters(self, seed: int) -> None:
-        """Deterministic init: N(0, 0.02) weights, output projections scaled down by depth
-        (GPT-2 style), concat-linear adapters start as (Z + X)/√2 plus noise."""
+    def reset_parameters(self, seed: int, scheme: InitScheme = "identity-adapter") -> None:
+        """Deterministic init. The default, ``identity-adapter``, is LoopLM's own: N(0, 0.02)
+        weights, output projections scaled down by depth (GPT-2 style), concat-linear adapters
+        start as (Z + X)/√2 plus noise. Another ``scheme`` starts every weight as that family's
+        training code does (:mod:`loopscope.nn.inits`)."""
         generator = torch.Generator().manual_seed(seed)
         depth = (
             self.config.prelude_layers + self.config.block_layers * self.config.train_recurrences
         )
         depth += self.config.coda_layers
+        if scheme != "identity-adapter":
+            sizes = InitSizes(self.config.d_model, depth)
+            apply_init(self.named_parameters(), scheme, sizes, generator)
+            return
         out_std = 0.02 / (2 * max(depth, 1)) ** 0.5
         with torch.no_grad():
             for name, param in self.named_parameters():

@@ -4,9 +4,11 @@ Two sweeps, each a grid of *cells* computed one at a time, saved as one JSON fil
 (written atomically) and skipped when a rerun finds them, so a killed sweep resumes. The parts,
 in the order a sweep uses them:
 
-- :mod:`.presets`: the named presets (``quick``, ``paper``), their narrowing and validation;
+- :mod:`.presets`: the named presets (``quick``, ``paper``), their narrowing and validation, and
+  the init each cell starts from (``cell_init``: by default its norm scheme's family);
 - :mod:`.measures`: scale-free measures of a block's states (step, distance, degeneracy);
-- :mod:`.verdict`: the one verdict rule both sweeps use (stable distinct / degenerate / not);
+- :mod:`.verdict`: the one verdict rule both sweeps use: four parts (direction, magnitude, norm
+  trend, certificate) and the label they give (stable distinct / degenerate / not);
 - :mod:`.random_init`: untrained stacks over norm × injection × block size × seed, measured
   and pooled over seeds;
 - :mod:`.trained`: the study's small models and their feedforward twin, trained, evaluated,
@@ -22,10 +24,12 @@ from __future__ import annotations
 from loopscope.studies.ablation.formatting import markdown_table
 from loopscope.studies.ablation.measures import StateMeasures, measure_states
 from loopscope.studies.ablation.presets import (
+    INIT_CHOICES,
     RANDOM_INIT_PRESETS,
     TRAINED_PRESETS,
     RandomInitPreset,
     TrainedPreset,
+    cell_init,
     random_init_preset,
     trained_preset,
 )
@@ -55,11 +59,15 @@ from loopscope.studies.ablation.verdict import (
     STABLE_DEGENERATE,
     STABLE_DISTINCT,
     VERDICTS,
+    Verdict,
     VerdictRule,
     judge,
+    judge_parts,
+    verdict_of,
 )
 
 __all__ = [
+    "INIT_CHOICES",
     "NOT_STABLE",
     "RANDOM_INIT_PRESETS",
     "STABLE_DEGENERATE",
@@ -77,12 +85,15 @@ __all__ = [
     "TrainedCell",
     "TrainedPreset",
     "TrainedResult",
+    "Verdict",
     "VerdictRule",
     "bundled_prompt_ids",
     "cell_config",
+    "cell_init",
     "compare_with_study",
     "factor_summary",
     "judge",
+    "judge_parts",
     "markdown_table",
     "measure_cell",
     "measure_states",
@@ -95,4 +106,5 @@ __all__ = [
     "trained_configs",
     "trained_grid",
     "trained_preset",
+    "verdict_of",
 ]

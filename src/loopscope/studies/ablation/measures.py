@@ -1,11 +1,12 @@
 """Scale-free measures of a looped block's states, shared by both sweeps: how much the
-RMS-normalised state still moves, how far it is from its last value, whether the block layers'
-fixed points collapse onto one point, and how fast the raw state grows."""
+RMS-normalised state still moves (direction), how much the raw state still moves (magnitude),
+how far it is from its last value, whether the block layers' fixed points collapse onto one
+point, and how the raw state's norm grows over the second half of the recurrences."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,7 +23,12 @@ class StateMeasures:
     distance of the normalised state to its last value X*, mean over layers and prompts;
     ``raw_last_step``: the last step of the raw (unnormalised) state; ``min_cosine``: the
     degeneracy measure, mean over prompts; ``norm_growth``: ‖X_R‖/‖X_{R/2}‖ of the last layer
-    (≈ 2 when the state grows linearly, ≈ 1 when it is bounded)."""
+    (≈ 2 when the state grows linearly, ≈ 1 when it is bounded); ``direction_cosine``: the
+    cosine between the last two states, per token, min over tokens, layers and prompts;
+    ``norm_exponent``: p of the least-squares fit ‖X_t‖ ∝ t^p of the last layer's state norm
+    over the second half of the recurrences (t counts recurrences from 1), max over prompts:
+    ≈ 0 bounded, ≈ 1 linear growth, large for exponential growth; ``norm_curve`` (R,): that
+    norm per recurrence, mean over prompts."""
 
     finite: bool
     first_bad_recurrence: int | None
@@ -31,6 +37,9 @@ class StateMeasures:
     raw_last_step: float
     min_cosine: float
     norm_growth: float
+    direction_cosine: float = float("nan")
+    norm_exponent: float = float("nan")
+    norm_curve: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def last_step(self) -> float:
@@ -52,6 +61,29 @@ def _unit_tokens(x: Tensor) -> Tensor:
     """Per-token RMS normalisation in float32 (a zero token stays zero)."""
     x = x.float()
     return x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
+
+
+def successive_cosine(last: Tensor, prev: Tensor) -> float:
+    """Min over tokens of cos(last, prev) for (..., D) states; a token that is zero in both
+    counts as unmoved (cosine 1)."""
+    a, b = last.double(), prev.double()
+    dot = (a * b).sum(-1)
+    na, nb = a.norm(dim=-1), b.norm(dim=-1)
+    cos = dot / (na * nb).clamp_min(1e-300)
+    cos = torch.where((na == 0) & (nb == 0), torch.ones_like(cos), cos)
+    return float(cos.min())
+
+
+def power_law_exponent(norms: np.ndarray) -> float:
+    """Slope of log ‖X_t‖ against log t over the second half of a (R,) norm curve, t = 1..R:
+    0 for a constant norm, 1 for linear growth, ≈ t·log(ρ) for growth ρ^t."""
+    r_count = norms.shape[0]
+    t = np.arange(1, r_count + 1, dtype=np.float64)[r_count // 2 :]
+    y = np.log(np.maximum(norms[r_count // 2 :].astype(np.float64), 1e-300))
+    x = np.log(t)
+    x_centred = x - x.mean()
+    denom = float((x_centred**2).sum())
+    return float((x_centred * (y - y.mean())).sum() / denom) if denom > 0 else float("nan")
 
 
 def measure_states(states: Tensor) -> StateMeasures:
@@ -90,6 +122,8 @@ def measure_states(states: Tensor) -> StateMeasures:
     growth = states[-1, -1].float().flatten(1).norm(dim=-1) / mid
     fixed = states[-1].float().cpu().numpy()  # (L, B, T, D)
     min_cos = [degeneracy(fixed[:, b]).min_cosine for b in range(batch)]
+    norm_rows = states[:, -1].double().flatten(2).norm(dim=-1).cpu().numpy()  # (R, B)
+    exponents = [power_law_exponent(norm_rows[:, b]) for b in range(batch)]
     return StateMeasures(
         finite=True,
         first_bad_recurrence=None,
@@ -98,12 +132,16 @@ def measure_states(states: Tensor) -> StateMeasures:
         raw_last_step=float(raw.max()),
         min_cosine=float(np.mean(min_cos)),
         norm_growth=float(growth.mean()),
+        direction_cosine=successive_cosine(states[-1], states[-2]),
+        norm_exponent=float(np.max(exponents)),
+        norm_curve=norm_rows.mean(axis=1),
     )
 
 
 def combine_measures(parts: Sequence[StateMeasures]) -> StateMeasures:
     """Pool per-prompt measures the way :func:`measure_states` pools a batch: steps by max,
-    distances, cosines and growth by mean; any non-finite prompt makes the pool non-finite."""
+    distances, cosines and growth by mean, the successive cosine by min, the norm exponent by
+    max; any non-finite prompt makes the pool non-finite."""
     if not parts:
         raise ValueError("no measures to combine")
     bad = [p for p in parts if not p.finite]
@@ -117,6 +155,9 @@ def combine_measures(parts: Sequence[StateMeasures]) -> StateMeasures:
         raw_last_step=max(p.raw_last_step for p in parts),
         min_cosine=float(np.mean([p.min_cosine for p in parts])),
         norm_growth=float(np.mean([p.norm_growth for p in parts])),
+        direction_cosine=min(p.direction_cosine for p in parts),
+        norm_exponent=max(p.norm_exponent for p in parts),
+        norm_curve=np.mean(np.stack([p.norm_curve for p in parts]), axis=0),
     )
 
 

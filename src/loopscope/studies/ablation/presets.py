@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from loopscope.core.errors import LoopscopeError
+from loopscope.nn.inits import INIT_SCHEMES, InitScheme
 from loopscope.nn.injection import INJECTIONS
 from loopscope.nn.layers import NORM_SCHEMES
 from loopscope.report.html import to_jsonable
@@ -60,6 +61,10 @@ class RandomInitPreset:
     adapter_init_noise: float = 0.02  # LoopConfig.adapter_init_noise: σ on the (Z+X)/√2 start
     embed_init_std: float = 0.02  # LoopConfig.embed_init_std: σ of the token embeddings (= Z0 = X)
     rule: VerdictRule = field(default_factory=VerdictRule)
+    #: ``family`` (each cell as its norm scheme's family trains) or one scheme of
+    #: :mod:`loopscope.nn.inits` for every cell; the two fields above apply to
+    #: ``identity-adapter`` only.
+    init: str = "family"
 
     def measurement(self) -> dict[str, Any]:
         """The fields that make two runs' cells comparable (saved in the sweep header)."""
@@ -109,6 +114,8 @@ class TrainedPreset:
     feedforward_layers: int = 12
     context_length: int = 384
     rule: VerdictRule = field(default_factory=VerdictRule)
+    #: ``family`` or one scheme of :mod:`loopscope.nn.inits`, as for the random-init sweep
+    init: str = "family"
 
     def measurement(self) -> dict[str, Any]:
         """The fields that make two runs' cells comparable (saved in the sweep header)."""
@@ -160,6 +167,21 @@ TRAINED_PRESETS: dict[str, TrainedPreset] = {
 
 
 # --------------------------------------------------------------------------- grid factors
+
+#: The init each norm scheme's own family trains with; norms without a family (pre, post) get
+#: the retrofit models' init, which starts from a pre-norm Llama/OLMo.
+FAMILY_INITS: dict[str, InitScheme] = {"huginn": "huginn", "ouro": "ouro"}
+#: ``--init`` choices: ``family`` picks per cell by norm scheme, the rest apply to every cell.
+INIT_CHOICES: tuple[str, ...] = ("family", *INIT_SCHEMES)
+
+
+def cell_init(norm: str, choice: str) -> InitScheme:
+    """The init scheme of a cell with norm scheme ``norm`` under the sweep's ``choice``."""
+    if choice == "family":
+        return FAMILY_INITS.get(norm, "retrofit")
+    if choice not in INIT_SCHEMES:
+        raise LoopscopeError(f"unknown init {choice!r}; choose from {', '.join(INIT_CHOICES)}")
+    return choice
 
 
 def unique_values(

@@ -2,21 +2,25 @@
 
 Untrained looped stacks with no prelude and no coda (the "prelude output" is the token
 embedding) over norm scheme × injection × block size × seed, run for R recurrences on the
-bundled prompts. Weights use LoopLM's own init: N(0, 0.02) everywhere, attention and MLP output
-projections N(0, 0.02/√(2·depth)) with depth = block size × ``init_recurrences`` (4, the
-study's training count), concat-linear adapters (Z + X)/√2 plus N(0, 0.02) noise. The state
-starts from X (``init_state="prelude"``) in every cell, so cells differ only in whether and how
-X is re-injected. Init scale decides a lot here (see the study comparison in the report).
+bundled prompts. Weights start as the preset's ``init`` says (:mod:`loopscope.nn.inits`): by
+default ``family``, i.e. each cell as the family with its norm scheme is trained — Huginn's
+scaled init for the Huginn sandwich, Ouro's for the Ouro sandwich, and the retrofit models'
+(Llama-style layers, PyTorch-default adapter) for pre- and post-norm. ``identity-adapter`` is
+LoopLM's own start (concat-linear adapters (Z + X)/√2 plus noise). The effective depth of the
+depth-scaled formulas is block size × ``init_recurrences`` (4, the study's training count).
+The state starts from X (``init_state="prelude"``) in every cell, so cells differ only in
+whether and how X is re-injected. Init scale decides a lot here (see the study comparison).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,6 +37,7 @@ from loopscope.studies.ablation.measures import BlockStates, measure_states
 from loopscope.studies.ablation.presets import (
     RandomInitPreset,
     bundled_prompts_path,
+    cell_init,
     checked_factors,
 )
 from loopscope.studies.ablation.store import with_nan_floats
@@ -41,7 +46,7 @@ from loopscope.studies.ablation.verdict import (
     STABLE_DEGENERATE,
     STABLE_DISTINCT,
     VERDICTS,
-    judge_measures,
+    verdict_of,
 )
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -62,8 +67,11 @@ class Cell:
 
 
 def random_init_grid(preset: RandomInitPreset) -> list[Cell]:
-    """Every cell of the preset's grid exactly once, norm-major (the table's order)."""
+    """Every cell of the preset's grid exactly once, norm-major (the table's order); an unknown
+    ``init`` is refused here, before any cell runs."""
     norms, injections, blocks, seeds = checked_factors(preset)
+    for norm in norms:
+        cell_init(norm, preset.init)
     return [Cell(*combo) for combo in itertools.product(norms, injections, blocks, seeds)]
 
 
@@ -133,6 +141,14 @@ class CellResult:
     error: str | None = None
     adapter_init_noise: float = 0.02  # the init the cell was measured at (older files: 0.02)
     embed_init_std: float = 0.02
+    init: str = "identity-adapter"  # older files, written before the choice, used this start
+    direction: str = "—"  # the verdict's parts (older files: not recorded)
+    magnitude: str = "—"
+    norm_trend: str = "—"
+    certificate: str = "—"
+    direction_cosine: float = float("nan")
+    norm_exponent: float = float("nan")
+    norm_curve: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = to_jsonable(asdict(self))
@@ -142,8 +158,8 @@ class CellResult:
     def from_json(cls, data: Mapping[str, Any]) -> CellResult:
         values = with_nan_floats(cls, data)
         values["cell"] = Cell(**values["cell"])
-        for name in ("distance_curve", "step_curve"):
-            values[name] = [float("nan") if v is None else float(v) for v in values[name]]
+        for name in ("distance_curve", "step_curve", "norm_curve"):
+            values[name] = [float("nan") if v is None else float(v) for v in values.get(name, [])]
         return cls(**values)
 
 
@@ -170,7 +186,11 @@ def measure_cell(
     """Build the cell's stack, run R recurrences on the prompt batch, measure and judge."""
     start = time.perf_counter()
     dtype = _DTYPES[preset.dtype]
-    model = LoopLM(cell_config(cell, preset)).to(device=device, dtype=dtype).eval()
+    scheme = cell_init(cell.norm, preset.init)
+    model = LoopLM(cell_config(cell, preset))
+    if scheme != "identity-adapter":
+        model.reset_parameters(cell.seed, scheme)
+    model = model.to(device=device, dtype=dtype).eval()
     ids = ids.to(device)
     probe = BlockStates(preset.recurrences, cell.block)
     with torch.no_grad():
@@ -181,12 +201,12 @@ def measure_cell(
     if m.finite:
         est = _block_radius(model, ids, out.state, preset.spectral_iters, cell.seed)
         radius, converged = est.radius, est.converged
-    verdict, reason = judge_measures(m, radius, preset.rule)
+    v = verdict_of(m, radius, preset.rule)
     ratio = _rms(inputs) / max(_rms(out.state), 1e-30) if m.finite else float("nan")
     return CellResult(
         cell=cell,
-        verdict=verdict,
-        reason=reason,
+        verdict=v.label,
+        reason=v.reason,
         last_step=m.last_step,
         trend=m.trend,
         raw_last_step=m.raw_last_step,
@@ -203,6 +223,14 @@ def measure_cell(
         seconds=time.perf_counter() - start,
         adapter_init_noise=preset.adapter_init_noise,
         embed_init_std=preset.embed_init_std,
+        init=scheme,
+        direction=v.direction,
+        magnitude=v.magnitude,
+        norm_trend=v.norm_trend,
+        certificate=v.certificate,
+        direction_cosine=m.direction_cosine,
+        norm_exponent=m.norm_exponent,
+        norm_curve=[float(x) for x in m.norm_curve],
     )
 
 
@@ -238,6 +266,7 @@ def run_cell(
             error=message,
             adapter_init_noise=preset.adapter_init_noise,
             embed_init_std=preset.embed_init_std,
+            init=cell_init(cell.norm, preset.init),
         )
 
 
@@ -270,6 +299,13 @@ class GroupSummary:
     recurrences: int
     adapter_init_noise: float = 0.02
     embed_init_std: float = 0.02
+    init: str = "identity-adapter"
+    direction: str = "—"
+    magnitude: str = "—"
+    norm_trend: str = "—"
+    certificate: str = "—"
+    direction_cosine: float = float("nan")
+    norm_exponent: float = float("nan")
 
     @property
     def unanimous(self) -> bool:
@@ -279,6 +315,13 @@ class GroupSummary:
         return "/".join(
             str(self.counts[v]) for v in (STABLE_DISTINCT, STABLE_DEGENERATE, NOT_STABLE)
         )
+
+
+def pooled_part(values: Sequence[str]) -> str:
+    """The most common value of a verdict part over seeds, with the split when they differ."""
+    counts = Counter(values)
+    top, n = counts.most_common(1)[0]
+    return top if n == len(values) else f"{top} ({n}/{len(values)})"
 
 
 def summarise_groups(results: Sequence[CellResult]) -> list[GroupSummary]:
@@ -306,6 +349,18 @@ def summarise_groups(results: Sequence[CellResult]) -> list[GroupSummary]:
                 recurrences=rs[0].recurrences,
                 adapter_init_noise=rs[0].adapter_init_noise,
                 embed_init_std=rs[0].embed_init_std,
+                init=pooled_part([r.init for r in rs]),
+                direction=pooled_part([r.direction for r in rs]),
+                magnitude=pooled_part([r.magnitude for r in rs]),
+                norm_trend=pooled_part([r.norm_trend for r in rs]),
+                certificate=pooled_part([r.certificate for r in rs]),
+                direction_cosine=min((r.direction_cosine for r in rs), key=_nan_last),
+                norm_exponent=mean_sd(r.norm_exponent for r in rs)[0],
             )
         )
     return out
+
+
+def _nan_last(x: float) -> float:
+    """Sort key putting NaN after every number (so ``min`` skips it when it can)."""
+    return x if math.isfinite(x) else math.inf

@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 
 from loopscope.core.atomic import write_text
+from loopscope.nn.inits import InitScheme, describe_scheme
 from loopscope.report.html import Figure, ReportPaths, Section, Table, write_report
 from loopscope.studies.ablation.formatting import (
     csv_text,
@@ -30,7 +31,7 @@ from loopscope.studies.ablation.formatting import (
     ratio_text,
     summary_section,
 )
-from loopscope.studies.ablation.presets import RandomInitPreset
+from loopscope.studies.ablation.presets import RandomInitPreset, cell_init
 from loopscope.studies.ablation.random_init import CellResult, GroupSummary, summarise_groups
 from loopscope.studies.ablation.store import table_paths
 from loopscope.studies.ablation.study import compare_with_study
@@ -40,11 +41,18 @@ GROUP_COLUMNS = [
     "norm",
     "injection",
     "block",
+    "init",
     "verdict",
     "seeds distinct/degenerate/not stable",
+    "direction",
     "last step",
-    "min cos",
+    "cos(X_R, X_R−1)",
+    "magnitude",
+    "norm trend",
+    "‖X‖ ∝ t^p",
+    "certificate",
     "ρ(block)",
+    "min cos",
     "‖X‖ growth",
     "input/state RMS",
 ]
@@ -60,11 +68,18 @@ def _group_row(g: GroupSummary) -> list[str]:
         g.norm,
         g.injection,
         str(g.block),
+        g.init,
         verdict,
         g.counts_text(),
+        g.direction,
         plus_minus(g.last_step, ".1e"),
-        plus_minus(g.min_cosine, ".4f"),
+        number(g.direction_cosine, ".6f"),
+        g.magnitude,
+        g.norm_trend,
+        number(g.norm_exponent, ".2f"),
+        g.certificate,
         plus_minus(g.radius, ".3f"),
+        plus_minus(g.min_cosine, ".4f"),
         number(g.norm_growth, ".2f"),
         number(g.injection_ratio, ".2g"),
     ]
@@ -75,7 +90,8 @@ def _group_csv(groups: Sequence[GroupSummary]) -> str:
         "norm", "injection", "block", "seeds", "verdict", "n_stable_distinct",
         "n_stable_degenerate", "n_not_stable", "n_errors", "last_step_mean", "last_step_sd",
         "step_trend_mean", "min_cosine_mean", "min_cosine_sd", "radius_mean", "radius_sd",
-        "norm_growth_mean", "injection_ratio_mean",
+        "norm_growth_mean", "injection_ratio_mean", "init", "direction", "direction_cosine_min",
+        "magnitude", "norm_trend", "norm_exponent_mean", "certificate",
     ]  # fmt: skip
     rows = [
         [
@@ -94,6 +110,13 @@ def _group_csv(groups: Sequence[GroupSummary]) -> str:
             *g.radius,
             g.norm_growth,
             g.injection_ratio,
+            g.init,
+            g.direction,
+            g.direction_cosine,
+            g.magnitude,
+            g.norm_trend,
+            g.norm_exponent,
+            g.certificate,
         ]  # fmt: skip
         for g in groups
     ]
@@ -233,11 +256,28 @@ def _setup_text(preset: RandomInitPreset) -> str:
         f"{preset.recurrences} recurrences, {preset.prompts} bundled prompts cut to "
         f"{preset.prompt_tokens} tokens (one batch), block spectral radius from "
         f"{preset.spectral_iters} Jacobian-vector products, {preset.dtype}. No prelude, no coda; "
-        f"Z0 = X = the token embedding in every cell. LoopLM's init: N(0, 0.02) weights, output "
-        f"projections N(0, 0.02/√(2·k·{preset.init_recurrences})), token embeddings "
-        f"N(0, {preset.embed_init_std:g}), concat-linear adapter (Z + X)/√2 + "
-        f"N(0, {preset.adapter_init_noise:g}) noise, gate biases 0, diagonal decay exp(−e^{{−1}})."
+        f"Z0 = X = the token embedding in every cell. {_init_text(preset)} The effective depth "
+        f"is L = k·{preset.init_recurrences}; gate biases start at 0, diagonal decay at "
+        f"exp(−e^{{−1}})."
     )
+
+
+def _init_text(preset: RandomInitPreset) -> str:
+    """Which init each norm scheme's cells started from, with its formulas."""
+    if preset.init == "identity-adapter":
+        return (
+            f"Init identity-adapter (LoopLM's own): N(0, 0.02) weights, output projections "
+            f"N(0, 0.02/√(2L)), token embeddings N(0, {preset.embed_init_std:g}), concat-linear "
+            f"adapter (Z + X)/√2 + N(0, {preset.adapter_init_noise:g}) noise."
+        )
+    by_scheme: dict[InitScheme, list[str]] = {}
+    for norm in preset.norms:
+        by_scheme.setdefault(cell_init(norm, preset.init), []).append(norm)
+    how = "each norm scheme's own family" if preset.init == "family" else f"{preset.init}"
+    parts = [
+        f"{', '.join(norms)}: {describe_scheme(scheme)}" for scheme, norms in by_scheme.items()
+    ]
+    return f"Init {preset.init} ({how}) — " + "; ".join(parts) + "."
 
 
 def write_random_init_outputs(
@@ -293,8 +333,10 @@ def write_random_init_outputs(
         "All stacks (mean ± sd over seeds)",
         GROUP_COLUMNS,
         [list(r) for r in rows],
-        note="‖X‖ growth: norm of the last layer's state at R over R/2 (≈2: linear growth); "
-        "input/state RMS: RMS of the injected X over the final state's.",
+        note="direction / magnitude / norm trend / certificate: the verdict's parts (see the "
+        "rule in Method); ‖X‖ ∝ t^p: the fitted norm exponent; ‖X‖ growth: norm of the last "
+        "layer's state at R over R/2 (≈2: linear growth); input/state RMS: RMS of the injected "
+        "X over the final state's.",
     )
     sections = [summary_section(summary)]
     if comparison is not None:

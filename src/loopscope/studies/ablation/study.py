@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loopscope.report.html import Table
-from loopscope.studies.ablation.formatting import plus_minus
+from loopscope.studies.ablation.formatting import number, plus_minus
 from loopscope.studies.ablation.random_init import CellResult, GroupSummary, summarise_groups
 from loopscope.studies.ablation.verdict import (
     NOT_STABLE,
@@ -49,6 +49,9 @@ def _explain(g: GroupSummary, study: str, rule: VerdictRule) -> str:
     if g.errors:
         notes.append(f"{g.errors} seed(s) raised (see cells/*.json)")
     if g.verdict == NOT_STABLE and study != NOT_STABLE:
+        if g.norm_trend.startswith("explosive"):
+            fit = number(g.norm_exponent, ".3g")
+            notes.append(f"the norm explodes (‖X_t‖ ∝ t^{fit} over the second half)")
         if math.isfinite(step) and step > rule.tol_step:
             if math.isfinite(g.trend) and g.trend < rule.shrinking_trend:
                 notes.append(
@@ -68,7 +71,7 @@ def _explain(g: GroupSummary, study: str, rule: VerdictRule) -> str:
             )
         elif math.isfinite(g.norm_growth) and g.norm_growth > 3.0:
             notes.append(f"the state's norm blows up (×{g.norm_growth:.3g} from R/2 to R)")
-        if g.injection == "concat-linear" and g.norm == "pre":
+        if g.injection == "concat-linear" and g.norm == "pre" and g.init == "identity-adapter":
             sigma = g.adapter_init_noise
             noise = sigma * math.sqrt(g.d_model)
             notes.append(
@@ -80,7 +83,7 @@ def _explain(g: GroupSummary, study: str, rule: VerdictRule) -> str:
         if math.isfinite(rho) and rho > 1 + rule.radius_margin:
             notes.append(f"block Jacobian expanding (ρ = {rho:.3f})")
         weak = math.isfinite(g.injection_ratio) and g.injection_ratio < 0.1
-        if g.injection != "none" and g.norm != "pre" and weak:
+        if g.injection != "none" and g.norm != "pre" and weak and g.init == "identity-adapter":
             notes.append(
                 f"scale/init: the injected embedding is only {g.injection_ratio:.2g}× the "
                 f"state's RMS (N(0, {g.embed_init_std:g}) embeddings against a normalised "
@@ -124,7 +127,9 @@ def compare_with_study(
             g = groups.get((norm, injection, block))
             study = STUDY_VERDICTS.get((norm, injection != "none"), "—")
             if g is None:
-                rows.append([f"{norm} + {injection}", "not run", "—", "—", "—", study, "—", "—"])
+                rows.append(
+                    [f"{norm} + {injection}", "not run", "—", "—", "—", study, "—", "—", *"—" * 5]
+                )
                 continue
             rows.append([
                 f"{norm} + {injection}",
@@ -135,6 +140,11 @@ def compare_with_study(
                 study,
                 "yes" if _agrees(g.verdict, study) else "no",
                 _explain(g, study, rule),
+                g.direction,
+                g.magnitude,
+                g.norm_trend,
+                g.certificate,
+                g.init,
             ])  # fmt: skip
     return Table(
         title=f"{block}-layer random-init stacks: ours vs the study",
@@ -147,6 +157,11 @@ def compare_with_study(
             "study",
             "agree",
             "why they differ",
+            "direction",
+            "magnitude",
+            "norm trend",
+            "certificate",
+            "init",
         ],
         rows=rows,
         note=f"Verdict rule: {rule.describe()}.",

@@ -3,7 +3,8 @@
 The study's small models (2,k⊗4,2) for k ∈ {4, 8, 12} with / without injection and with /
 without prelude-coda, plus a 12-layer feedforward model, trained on the synthetic task; then
 evaluation, dynamics (trace + analyses, with a per-cell report) and a stage profile that the
-outputs align against the feedforward model's.
+outputs align against the feedforward model's. Each model starts from the preset's ``init``
+(by default its norm scheme's family, as in the random-init sweep; recorded per cell).
 """
 
 from __future__ import annotations
@@ -22,9 +23,14 @@ import torch
 from loopscope.core.atomic import write_json
 from loopscope.families.looplm import LoopConfig, LoopLM
 from loopscope.studies.ablation.measures import StateMeasures, combine_measures, measure_states
-from loopscope.studies.ablation.presets import TrainedPreset, checked_factors, unique_values
+from loopscope.studies.ablation.presets import (
+    TrainedPreset,
+    cell_init,
+    checked_factors,
+    unique_values,
+)
 from loopscope.studies.ablation.store import with_nan_floats
-from loopscope.studies.ablation.verdict import judge_measures
+from loopscope.studies.ablation.verdict import verdict_of
 from loopscope.training.config import TrainConfig
 
 
@@ -59,6 +65,8 @@ def trained_grid(preset: TrainedPreset) -> list[TrainedCell]:
     """Looped cells (norm × block × injection × prelude-coda × seed), then one feedforward
     reference per norm and seed."""
     norms, injections, blocks, seeds = checked_factors(preset)
+    for norm in norms:
+        cell_init(norm, preset.init)  # an unknown init is refused before any cell trains
     pcs = unique_values(preset.prelude_coda, "prelude-coda choice")
     looped = [
         TrainedCell(k, inj, pc, norm, seed)
@@ -121,6 +129,11 @@ class TrainedResult:
     stages: bool
     note: str
     seconds: float
+    direction: str = "—"  # the verdict's parts (older files: not recorded)
+    magnitude: str = "—"
+    norm_trend: str = "—"
+    certificate: str = "—"
+    init: str = "identity-adapter"  # older files, written before the choice, used this start
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TrainedResult:
@@ -171,12 +184,16 @@ def _dynamics(
     stability = dyn_metrics.get("stability") or {}
     radius = stability.get("block_radius")
     radius = float("nan") if radius is None else float(radius)
-    verdict, reason = judge_measures(m, radius, preset.rule)
+    v = verdict_of(m, radius, preset.rule)
     settled = dyn_metrics["fixed_point"]["settled"]
     rate = dyn_metrics["limiting_behaviour"]["last_layer"]["non_fixed_point_token_rate"]
     return {
-        "verdict": verdict,
-        "reason": reason,
+        "verdict": v.label,
+        "reason": v.reason,
+        "direction": v.direction,
+        "magnitude": v.magnitude,
+        "norm_trend": v.norm_trend,
+        "certificate": v.certificate,
         "last_step": m.last_step,
         "trend": m.trend,
         "min_cosine": m.min_cosine,
@@ -214,7 +231,10 @@ def run_trained_cell(
 
     start = time.perf_counter()
     model_cfg, train_cfg = trained_configs(cell, preset)
+    scheme = cell_init(cell.norm, preset.init)
     model = LoopLM(model_cfg)
+    if scheme != "identity-adapter":
+        model.reset_parameters(model_cfg.init_seed, scheme)
     result = train(model, train_cfg, cell_dir, device=device, progress=progress, log=log)
     model.eval()
     scores = _final_evaluation(result.history, train_cfg.steps) or evaluate(
@@ -224,6 +244,10 @@ def run_trained_cell(
     dyn: dict[str, Any] = {
         "verdict": "—",
         "reason": "feedforward: no recurrence",
+        "direction": "—",
+        "magnitude": "—",
+        "norm_trend": "—",
+        "certificate": "—",
         "last_step": nan,
         "trend": nan,
         "min_cosine": nan,
@@ -250,5 +274,6 @@ def run_trained_cell(
         stages=not note,
         note=note,
         seconds=time.perf_counter() - start,
+        init=scheme,
         **dyn,
     )

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from loopscope.core.atomic import write_text
+from loopscope.nn.inits import describe_scheme
 from loopscope.report.html import ReportPaths, Section, Table, write_report
 from loopscope.studies.ablation.formatting import (
     csv_text,
@@ -26,7 +27,7 @@ from loopscope.studies.ablation.formatting import (
     ratio_text,
     summary_section,
 )
-from loopscope.studies.ablation.presets import TrainedPreset
+from loopscope.studies.ablation.presets import TrainedPreset, cell_init
 from loopscope.studies.ablation.store import table_paths
 from loopscope.studies.ablation.trained import TrainedResult
 
@@ -132,7 +133,12 @@ TRAINED_COLUMNS = [
     "layout",
     "accuracy",
     "eval loss",
+    "init",
     "verdict",
+    "direction",
+    "magnitude",
+    "norm trend",
+    "certificate",
     "last step",
     "min cos",
     "ρ(block)",
@@ -149,7 +155,12 @@ def _trained_row(r: TrainedResult, align: Mapping[str, Mapping[str, Any]]) -> li
         r.layout,
         f"{r.eval_accuracy:.2f}",
         f"{r.eval_loss:.3f}",
+        r.init,
         r.verdict,
+        r.direction,
+        r.magnitude,
+        r.norm_trend,
+        r.certificate,
         number(r.last_step, ".1e"),
         number(r.min_cosine, ".4f"),
         number(r.radius, ".3f"),
@@ -167,7 +178,12 @@ def _setup_text(preset: TrainedPreset) -> str:
         f"{t.steps} steps of batch "
         f"{t.batch_size}, lr {t.lr:g}, problems of {t.min_problem_steps}–{t.max_problem_steps} "
         f"steps. Dynamics: {preset.trace_recurrences} recurrences on {preset.prompts} bundled "
-        f"prompts; stages at the training recurrence count against the feedforward model."
+        f"prompts; stages at the training recurrence count against the feedforward model. "
+        f"Init {preset.init}: "
+        + "; ".join(
+            f"{norm}: {describe_scheme(cell_init(norm, preset.init))}" for norm in preset.norms
+        )
+        + "."
     )
 
 
