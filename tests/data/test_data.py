@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -283,7 +284,7 @@ def test_empty_files(tmp_path: Path) -> None:
     for name in ("e.jsonl", "e.txt", "e.json"):
         path = tmp_path / name
         path.write_text("\n  \n", encoding="utf-8")
-        loaders = [load_prompts]
+        loaders: list[Callable[[Path], object]] = [load_prompts]
         loaders += [load_text_prompts] if name.endswith(".txt") else [load_gsm8k_jsonl]
         for loader in loaders:
             with pytest.raises(DataFormatError, match="empty file") as info:

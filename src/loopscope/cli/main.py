@@ -14,6 +14,7 @@ from loopscope.cli.ablate import ABLATE
 from loopscope.cli.adaptive import ADAPTIVE
 from loopscope.cli.analysis import ANALYZE, REPORT, TRACE
 from loopscope.cli.common import Command, run_cli
+from loopscope.cli.compare import COMPARE
 from loopscope.cli.demo import DEMO
 from loopscope.cli.stages import STAGES
 from loopscope.cli.training import EXPORT, TRAIN
@@ -26,6 +27,7 @@ COMMANDS: tuple[Command, ...] = (
     TRACE,
     ANALYZE,
     REPORT,
+    COMPARE,
     STAGES,
     ADAPTIVE,
     ABLATE,

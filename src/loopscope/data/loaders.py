@@ -23,9 +23,11 @@ __all__ = [
     "DataFormatError",
     "GSM8KExample",
     "HellaSwagExample",
+    "PromptRecord",
     "extract_final_answer",
     "load_gsm8k_jsonl",
     "load_hellaswag_jsonl",
+    "load_prompt_records",
     "load_prompts",
     "load_text_prompts",
     "strip_calculator_annotations",
@@ -66,12 +68,38 @@ class GSM8KExample:
 @dataclass(frozen=True)
 class HellaSwagExample:
     """A HellaSwag line: context, candidate endings, index of the right one (None if unlabelled,
-    as in the test split)."""
+    as in the test split), and the real layout's other fields when the line has them.
+
+    ``ctx`` is the prompt a model is traced on: the line's ``ctx``, or ``ctx_a`` + " " +
+    ``ctx_b`` when it has no ``ctx`` (which is how HellaSwag builds ``ctx``). The endings and the
+    label are validated and kept for scoring, but never fed to the model as part of the prompt.
+    ``ctx_a``/``ctx_b`` are the two halves of the context, ``split`` the split it came from
+    (train/val/test), ``ind`` its index in the original release."""
 
     ctx: str
     endings: list[str]
     label: int | None
     activity_label: str | None = None
+    ctx_a: str | None = None
+    ctx_b: str | None = None
+    split: str | None = None
+    ind: int | None = None
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt of a prompt file, before any model-specific rendering.
+
+    ``line`` is the 1-based line of the file it came from (what a sample records); ``kind`` is
+    "gsm8k", "hellaswag" or "text"; ``content`` is what a chat template receives as the user's
+    message (the bare question, the context, the line); ``raw`` is what the raw format feeds
+    the model (a GSM8K question in the ``"Q: ...\\nA:"`` layout of :func:`format_prompt`, the
+    content itself otherwise)."""
+
+    line: int
+    kind: str
+    content: str
+    raw: str
 
 
 def _read_file(path: PathLike) -> bytes:
@@ -220,10 +248,39 @@ def _hellaswag(path: PathLike, number: int, record: dict[str, Any]) -> HellaSwag
     for ending in endings:
         _checked_str(path, number, "endings", ending)
     label = _hellaswag_label(path, number, record.get("label"), len(endings))
-    activity = record.get("activity_label")
-    if activity is not None:
-        activity = _checked_str(path, number, "activity_label", activity)
-    return HellaSwagExample(ctx, list(endings), label, activity)
+    extras = _hellaswag_extras(path, number, record)
+    return HellaSwagExample(ctx, list(endings), label, **extras)
+
+
+def _optional_str(path: PathLike, number: int, record: dict[str, Any], field: str) -> str | None:
+    value = record.get(field)
+    return None if value is None else _checked_str(path, number, field, value)
+
+
+def _hellaswag_extras(path: PathLike, number: int, record: dict[str, Any]) -> dict[str, Any]:
+    """The real layout's optional fields, each checked for its type when present: strings for
+    ``activity_label``, ``ctx_a``, ``ctx_b`` and ``split``; a whole number for ``ind``."""
+    ind = record.get("ind")
+    if ind is not None and (isinstance(ind, bool) or not isinstance(ind, int)):
+        raise DataFormatError(
+            path, number, f'field "ind" must be a whole number (the example\'s index), got {ind!r}'
+        )
+    return {
+        "activity_label": _optional_str(path, number, record, "activity_label"),
+        "ctx_a": _optional_str(path, number, record, "ctx_a"),
+        "ctx_b": _optional_str(path, number, record, "ctx_b"),
+        "split": _optional_str(path, number, record, "split"),
+        "ind": ind,
+    }
+
+
+def _hellaswag_prompt(path: PathLike, number: int, record: dict[str, Any]) -> str:
+    """The context of a HellaSwag line read as a prompt: the whole line is validated when it
+    has its endings (the real layout), only the context and optional fields otherwise."""
+    if "endings" in record:
+        return _hellaswag(path, number, record).ctx
+    _hellaswag_extras(path, number, record)
+    return _hellaswag_ctx(path, number, record)
 
 
 def _hellaswag_label(path: PathLike, number: int, raw: Any, n_endings: int) -> int | None:
@@ -248,8 +305,10 @@ def load_gsm8k_jsonl(path: PathLike) -> list[GSM8KExample]:
 
 
 def load_hellaswag_jsonl(path: PathLike) -> list[HellaSwagExample]:
-    """HellaSwag JSONL (``ctx`` or ``ctx_a``/``ctx_b``, ``endings``, optional ``label`` and
-    ``activity_label``; blank lines skipped), fully validated."""
+    """HellaSwag JSONL in its released layout (``ctx_a``, ``ctx_b``, ``ctx``, ``endings``,
+    ``label``, ``activity_label``, ``split``, ``ind``; only a context and ``endings`` are
+    required; blank lines skipped), fully validated: a malformed line raises
+    :class:`DataFormatError` naming the file, the line and the field."""
     return [_hellaswag(path, number, record) for number, record in _load_jsonl(path)]
 
 
@@ -263,15 +322,24 @@ def load_text_prompts(path: PathLike) -> list[str]:
 
 
 def load_prompts(path: PathLike) -> list[str]:
-    """Prompts from any supported file, recognised by content.
+    """Prompts from any supported file, recognised by content, in the raw layout.
 
     ``.txt``: one prompt per line. JSONL whose first object has ``question``: GSM8K, each
     question through :func:`format_prompt` (answers are not needed or checked here). JSONL with
-    ``ctx``/``ctx_a``/``endings``: HellaSwag, the contexts (endings not checked). Anything else
-    raises :class:`DataFormatError`.
+    ``ctx``/``ctx_a``/``endings``: HellaSwag, the contexts (a line with ``endings`` is validated
+    whole). Anything else raises :class:`DataFormatError`.
     """
+    return [record.raw for record in load_prompt_records(path)]
+
+
+def load_prompt_records(path: PathLike) -> list[PromptRecord]:
+    """The prompts of any supported file (see :func:`load_prompts`), each with its line number,
+    its kind, its bare content and its raw-layout text."""
     if Path(path).suffix.lower() == ".txt":
-        return load_text_prompts(path)
+        lines = _read_lines(path)
+        if not lines:
+            raise DataFormatError(path, None, "empty file: expected one prompt per non-empty line")
+        return [PromptRecord(number, "text", text, text) for number, text in lines]
     lines = _read_lines(path)
     if not lines:
         raise DataFormatError(path, None, "empty file: no prompts found")
@@ -287,9 +355,11 @@ def load_prompts(path: PathLike) -> list[str]:
     keys = records[0][1].keys()
     if "question" in keys:
         needs = '(a GSM8K prompt line needs "question")'
-        return [format_prompt(_field_str(path, n, r, "question", needs)) for n, r in records]
+        questions = [(n, _field_str(path, n, r, "question", needs)) for n, r in records]
+        return [PromptRecord(n, "gsm8k", q, format_prompt(q)) for n, q in questions]
     if keys & {"ctx", "ctx_a", "endings"}:
-        return [_hellaswag_ctx(path, n, r) for n, r in records]
+        contexts = [(n, _hellaswag_prompt(path, n, r)) for n, r in records]
+        return [PromptRecord(n, "hellaswag", ctx, ctx) for n, ctx in contexts]
     raise DataFormatError(
         path,
         first_number,

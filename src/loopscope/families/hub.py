@@ -173,9 +173,7 @@ def render_chat_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     that opens the assistant's turn. transformers renders templates in a sandboxed Jinja
     environment, so a template cannot run code; no file is read here."""
     try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as err:  # a template error is the checkpoint's, reported as one line
         raise CheckpointError(
             f"the chat template of {getattr(tokenizer, 'name_or_path', 'this tokenizer')} "
