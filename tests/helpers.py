@@ -88,3 +88,96 @@ def edited_checkpoint(
     edit(tensors)
     save_file(tensors, str(out / "model.safetensors"))
     return out
+
+
+# ----------------------------------------------------------- tiny Hugging Face decoders
+HF_VOCAB = 100
+"""The vocabulary of the tiny Hugging Face decoders below."""
+
+
+def tiny_hf_config(model_type: str) -> Any:
+    """The config of a tiny (4-layer, width 32) Hugging Face decoder of ``model_type``."""
+    import transformers
+
+    small = {
+        "hidden_size": 32,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "vocab_size": HF_VOCAB,
+        "max_position_embeddings": 64,
+    }
+    if model_type == "llama":
+        return transformers.LlamaConfig(**small)
+    if model_type == "qwen2":
+        return transformers.Qwen2Config(**small)
+    if model_type == "olmo2":
+        return transformers.Olmo2Config(**small)
+    if model_type == "gpt2":
+        return transformers.GPT2Config(
+            n_embd=32,
+            n_layer=4,
+            n_head=4,
+            vocab_size=HF_VOCAB,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    raise AssertionError(model_type)
+
+
+def tiny_hf_model(model_type: str, seed: int = 0) -> Any:
+    """A random tiny model; weights scaled up so attention is far from uniform."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(
+        tiny_hf_config(model_type), attn_implementation="sdpa"
+    )
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.15)
+    return model.eval()
+
+
+def tiny_inkling() -> Any:
+    """Eight layers, attention-residual blocks of two, layers [2, 6) looped (two inner
+    blocks, so the messages carry a completed block), both attention kinds, a small MoE."""
+    import transformers
+
+    config = transformers.Inkling2LoopTextConfig(
+        vocab_size=128,
+        unpadded_vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        swa_num_attention_heads=4,
+        swa_num_key_value_heads=2,
+        swa_head_dim=8,
+        sliding_window_size=4,
+        d_rel=4,
+        rel_extent=16,
+        log_scaling_n_floor=4,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_layers_per_attn_res_block=2,
+        loop_layer_index_start=2,
+        loop_layer_index_end=6,
+        loop_num_passes=3,
+        loop_gate_rank=8,
+        layer_types=["hybrid_sliding", "hybrid"] * 4,
+        eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = transformers.Inkling2LoopForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the learned queries start at zero: move them off it
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+    return model

@@ -25,7 +25,10 @@ def load(source: str | Path, *, dtype: Any = None, device: str = "cpu", **kwargs
     ``config.json`` by the table in ``loopscope.families.table``; weights are read from
     safetensors only and no code shipped with a checkpoint ever runs. Extra keyword arguments
     go to the family loader (e.g. ``loop=(a, b)`` and ``recurrences`` for a retrofitted Hugging
-    Face decoder); a family that cannot use one refuses it by name."""
+    Face decoder); a family that cannot use one refuses it by name. The model keeps the
+    tokenizer of its checkpoint as ``model.prompt_tokenizer`` (the byte tokenizer for our own
+    models; a published checkpoint's own, read on first use), so every pipeline entry point
+    handed the model object tokenises prompts as the model expects."""
     from loopscope.families.table import load as load_family
 
     return load_family(source, dtype=dtype, device=device, **kwargs)

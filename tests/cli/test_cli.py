@@ -242,7 +242,8 @@ def test_help_lists_every_command_of_the_table_in_order(
     assert exit_info.value.code == 0
     listing = capsys.readouterr().out
     names = [c.name for c in COMMANDS]
-    expected = ["demo", "trace", "analyze", "report", "stages", "adaptive", "ablate", "train"]
+    expected = ["demo", "trace", "analyze", "report", "compare", "stages", "adaptive", "ablate"]
+    expected += ["train"]
     assert names == [*expected, "export"]
     positions = [listing.index(f"    {name} ") for name in names]
     assert positions == sorted(positions)
@@ -268,7 +269,11 @@ def test_defaults_are_cpu_and_float32_without_a_gpu(workspace: Path) -> None:
     assert options.device == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         assert options.load_dtype("demo") == torch.float32
-    assert (options.batch_size, options.seed, options.limit) == (1, 0, None)
+    # tracing fits its batch to free memory unless told (--batch-size auto)
+    assert (options.batch_size, options.batch_auto) == (None, True)
+    assert (options.seed, options.limit) == (0, None)
+    stages = build_parser(COMMANDS).parse_args(["stages", "demo", "--prompts", "p", "--out", "o"])
+    assert (run_options(stages).batch_size, run_options(stages).batch_auto) == (1, False)
 
 
 def test_dtype_reaches_the_loaded_model(workspace: Path) -> None:
@@ -340,9 +345,10 @@ def test_flags_a_command_cannot_honour_are_refused(
     workspace: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = trace_args(workspace, "--out", str(workspace / "refused"))
-    assert main([*args, "--batch-size", "2"]) == 2
+    stages = ["stages", str(workspace / "looped"), "--prompts", str(workspace / "prompts.jsonl")]
+    assert main([*stages, "--out", str(workspace / "refused"), "--batch-size", "2"]) == 2
     err = capsys.readouterr().err
-    assert "loopscope trace does not take --batch-size 2" in err
+    assert "loopscope stages does not take --batch-size 2" in err
     assert "one prompt per forward pass" in err
     assert not (workspace / "refused").exists()
     assert main(["train", "--config", "demo-looped", "--limit", "3"]) == 2
@@ -352,6 +358,17 @@ def test_flags_a_command_cannot_honour_are_refused(
     assert main([*args, "--batch-size", "0"]) == 2  # refused whatever the command
     assert main([*args, "--threads", "-1"]) == 2
     assert "--threads must be ≥ 0" in capsys.readouterr().err
+
+
+def test_trace_takes_a_batch_size_and_refuses_it_with_ray(
+    workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = workspace / "batched"
+    assert main([*trace_args(workspace, "--out", str(out)), "--batch-size", "2"]) == 0
+    assert TraceStore(out).completed() == [0, 1]
+    ray = trace_args(workspace, "--out", str(workspace / "ray"), "--ray", "auto")
+    assert main([*ray, "--batch-size", "2"]) == 2
+    assert "--batch-size is not supported with --ray" in capsys.readouterr().err
 
 
 def test_device_is_checked_before_any_work(

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import HF_VOCAB, tiny_hf_config, tiny_hf_model, tiny_inkling
 from tolerances import (
     forward_tolerance,
     magnitude,
@@ -32,50 +33,9 @@ from loopscope.families.hf_retrofit import (  # noqa: E402
 )
 from loopscope.families.inkling2 import Inkling2LoopLM, is_inkling2_config  # noqa: E402
 
-VOCAB = 100
-
-
-def tiny_config(model_type: str) -> Any:
-    small = {
-        "hidden_size": 32,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 64,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": 64,
-    }
-    if model_type == "llama":
-        return transformers.LlamaConfig(**small)
-    if model_type == "qwen2":
-        return transformers.Qwen2Config(**small)
-    if model_type == "olmo2":
-        return transformers.Olmo2Config(**small)
-    if model_type == "gpt2":
-        return transformers.GPT2Config(
-            n_embd=32,
-            n_layer=4,
-            n_head=4,
-            vocab_size=VOCAB,
-            n_positions=64,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    raise AssertionError(model_type)
-
-
-def tiny_model(model_type: str, seed: int = 0) -> Any:
-    """A random tiny model; weights scaled up so attention is far from uniform."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(
-        tiny_config(model_type), attn_implementation="sdpa"
-    )
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.15)
-    return model.eval()
+VOCAB = HF_VOCAB
+tiny_config = tiny_hf_config
+tiny_model = tiny_hf_model
 
 
 def prompt(batch: int = 2, length: int = 7, seed: int = 3) -> torch.Tensor:
@@ -283,44 +243,6 @@ def test_hf_decoder_config_detection(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ Inkling-2 loop
-def tiny_inkling() -> Any:
-    """Eight layers, attention-residual blocks of two, layers [2, 6) looped (two inner
-    blocks, so the messages carry a completed block), both attention kinds, a small MoE."""
-    config = transformers.Inkling2LoopTextConfig(
-        vocab_size=128,
-        unpadded_vocab_size=120,
-        hidden_size=32,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        swa_num_attention_heads=4,
-        swa_num_key_value_heads=2,
-        swa_head_dim=8,
-        sliding_window_size=4,
-        d_rel=4,
-        rel_extent=16,
-        log_scaling_n_floor=4,
-        moe_intermediate_size=16,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_layers_per_attn_res_block=2,
-        loop_layer_index_start=2,
-        loop_layer_index_end=6,
-        loop_num_passes=3,
-        loop_gate_rank=8,
-        layer_types=["hybrid_sliding", "hybrid"] * 4,
-        eos_token_id=None,
-    )
-    torch.manual_seed(0)
-    model = transformers.Inkling2LoopForCausalLM(config).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # the learned queries start at zero: move them off it
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.3)
-    return model
-
-
 def test_inkling2_loop_matches_transformers_at_several_recurrences() -> None:
     hf = tiny_inkling()
     model = Inkling2LoopLM(hf)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import DEMO_PROMPTS
+from tolerances import forward_depth, forward_tolerance, magnitude
 
 import loopscope
 from loopscope.cli.main import main
@@ -26,7 +27,9 @@ from loopscope.trace import TraceError, TraceStore, writer
 SRC = Path(loopscope.__file__).resolve().parents[1]
 PROMPTS = DEMO_PROMPTS
 CHUNK = re.compile(r"prompt_\d{5}")
-#: Four bundled prompts, long enough runs that a chunk takes a while to compute and write.
+#: Four bundled prompts, long enough runs that a chunk takes a while to compute and write,
+#: one prompt per forward pass (so they finish in order and a resumed run is bit for bit the
+#: uninterrupted one; batched runs are killed in test_killed_batched_trace_resumes_...).
 ARGS = [
     "trace",
     "demo",
@@ -39,6 +42,8 @@ ARGS = [
     "--stability-prompts",
     "0",
     "--no-progress",
+    "--batch-size",
+    "1",
 ]
 
 
@@ -219,3 +224,62 @@ def test_full_disk_stops_with_one_line_and_a_rerun_completes(
     # Space freed: the same command finishes the trace, identical to an uninterrupted one.
     assert run_cli(out) == 0
     assert_same_trace(out, uninterrupted)
+
+
+def _batched_command(out: Path, batch_size: int) -> list[str]:
+    """The command of :data:`ARGS` with ``batch_size`` prompts per forward pass."""
+    assert ARGS[-2:] == ["--batch-size", "1"]
+    return [*ARGS[:-2], "--batch-size", str(batch_size), "--out", str(out)]
+
+
+def test_killed_batched_trace_resumes_under_another_batch_size(
+    uninterrupted: Path, tmp_path: Path
+) -> None:
+    # All four prompts in one batch: killed while the batch's chunks are being written
+    script = "import sys; from loopscope.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    out = tmp_path / "trace"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *_batched_command(out, 4)],
+        env=_subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    kill_mid_chunk(proc, out)
+    finished, partial = _listing(out)
+    assert finished and partial
+    in_progress = int(partial[0][len("prompt_") : -len(".partial")])
+    store = TraceStore(out)
+    assert in_progress not in store.completed()
+    assert [p.path.name for p in store] == finished
+    with pytest.raises(TraceError, match=f"prompt {in_progress} has not been traced"):
+        store.prompt(in_progress)
+    reference = tmp_path / "batched"  # the same batch, uninterrupted: the same bytes
+    assert run_cli_args(_batched_command(reference, 4)) == 0
+    for name in finished:
+        assert_same_chunk(out / name, reference / name)
+    before = _stamps(out, finished)
+
+    assert run_cli_args(_batched_command(out, 2)) == 0  # resumed in batches of two
+    assert _stamps(out, finished) == before  # finished chunks were not rewritten
+    for name in ("trace.json", "prompts.jsonl"):  # the batch size is not part of the trace
+        assert (out / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+    assert TraceStore(out).completed() == [0, 1, 2, 3]
+    assert not [p for p in out.rglob("*") if p.name.endswith((".partial", ".tmp"))]
+    depth = forward_depth(loopscope.load("demo").meta, 24)
+    for index in TraceStore(uninterrupted).completed():  # as traced alone, to rounding
+        chunk, got = TraceStore(uninterrupted).prompt(index), TraceStore(out).prompt(index)
+        want_block, got_block = np.asarray(chunk.block), np.asarray(got.block)
+        terms = got_block.shape[-2] * got_block.shape[-1]
+        tol = forward_tolerance(torch.float32, magnitude(want_block), depth, terms)
+        np.testing.assert_allclose(got_block, want_block, rtol=0, atol=tol)
+        np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(chunk.tokens))
+
+
+def run_cli_args(argv: list[str]) -> int:
+    """``argv`` in this process, on one thread (what the subprocesses use)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)

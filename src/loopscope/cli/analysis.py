@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from loopscope.cli.common import Command, CommonFlags, RunOptions
+from loopscope.cli.protocol import (
+    add_protocol_flags,
+    analyze_variants,
+    protocol_from_args,
+    refuse_protocol_with_ray,
+    trace_variants,
+)
 from loopscope.core.errors import LoopscopeError
+from loopscope.trace.budget import DEFAULT_MAX_DISK, parse_bytes
+from loopscope.trace.long_prompts import DEFAULT_LONG_PROMPTS, LONG_PROMPT_MODES
 from loopscope.trace.settings import TraceSettings
 from loopscope.trace.store import TraceStore
 
@@ -45,6 +54,7 @@ def _settings(args: argparse.Namespace, options: RunOptions) -> TraceSettings:
         layers=layers,
         keep_recurrences=kept,
         capture=args.capture,
+        state_dtype=args.state_dtype,
         attention=not args.no_attention,
         stability_prompts=args.stability_prompts,
         fixed_point=args.fixed_point,
@@ -82,7 +92,33 @@ def _add_trace_options(p: argparse.ArgumentParser) -> None:
         "--keep-recurrences",
         help="recurrences whose states are stored, comma-separated (default all)",
     )
-    p.add_argument("--capture", choices=["full", "summary"], default="full")
+    p.add_argument(
+        "--capture",
+        choices=["auto", "full", "summary"],
+        default="auto",
+        help="full: store every state; summary: online reductions only; auto (default): full "
+        "when the estimated trace fits under --max-disk, else summary",
+    )
+    p.add_argument(
+        "--max-disk",
+        type=parse_bytes,
+        default=DEFAULT_MAX_DISK,
+        help="disk budget of --capture auto, e.g. 20GB, 500MB or bytes (default 20GB)",
+    )
+    p.add_argument(
+        "--state-dtype",
+        choices=["auto", "float16", "bfloat16", "float32"],
+        default="auto",
+        help="how stored states are kept on disk (default: float32 for a float32 model, "
+        "float16 otherwise)",
+    )
+    p.add_argument(
+        "--long-prompts",
+        choices=LONG_PROMPT_MODES,
+        default=DEFAULT_LONG_PROMPTS,
+        help="a prompt longer than the model's context: skip it and list it in the report "
+        "(default), truncate it to its last tokens, or stop with an error",
+    )
     p.add_argument("--no-attention", action="store_true")
     p.add_argument("--stability-prompts", type=int, default=2)
     p.add_argument(
@@ -127,6 +163,7 @@ def _add_trace_options(p: argparse.ArgumentParser) -> None:
         "(e.g. 'auto'); needs pip install 'loopscope[ray]'",
     )
     p.add_argument("--workers", type=int, help="with --ray: shards traced at once")
+    add_protocol_flags(p)
 
 
 def _ray_use_gpu(args: argparse.Namespace) -> bool | None:
@@ -167,14 +204,29 @@ def _run_trace(args: argparse.Namespace, out: str | Path) -> TraceStore:
             _settings(args, options),
             limit=options.limit,
             progress=options.progress,
+            protocol=protocol_from_args(args),
+            batch_size="auto" if options.batch_auto else (options.batch_size or 1),
+            long_prompts=args.long_prompts,
+            max_disk=args.max_disk,
             load_options={
                 **load_options,
                 "dtype": options.load_dtype(args.model),
                 "device": options.device,
             },
         )
+    refuse_protocol_with_ray(args)
+    if (options.batch_size or 1) != 1:
+        raise LoopscopeError(
+            "--batch-size is not supported with --ray yet (each worker traces one prompt per "
+            "forward pass); drop --batch-size or --ray"
+        )
     if _load_options(args):
         raise LoopscopeError("--loop and --injection are not supported with --ray yet; drop --ray")
+    if args.max_disk != DEFAULT_MAX_DISK:
+        raise LoopscopeError(
+            "--max-disk is not supported with --ray yet (the workers use the default 20GB "
+            "budget for --capture auto); drop --max-disk, or choose --capture full or summary"
+        )
     from loopscope.families.table import tokenizer_for
     from loopscope.pipeline import prompt_inputs
     from loopscope.trace.sharding import trace_distributed
@@ -193,18 +245,30 @@ def _run_trace(args: argparse.Namespace, out: str | Path) -> TraceStore:
             tokenizer_name=tokenizer.name,
             bos=tokenizer.bos,
             progress=options.progress,
+            long_prompts=args.long_prompts,
         )
     except ImportError as err:
         raise RuntimeError(str(err)) from None
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
+    if args.system_variants is not None:
+        for directory in trace_variants(args, Path(args.out), _run_trace):
+            print(f"traced {directory.name} into {directory / 'trace'}")
+        return 0
     store = _run_trace(args, args.out)
     print(f"traced {len(store)} prompts into {store.path}")
     return 0
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    from loopscope.cli.two_scale import analyze_nested  # nested loops: the two-scale study
+
+    nested = analyze_nested(args)
+    if nested is not None:
+        return nested
+    if args.system_variants is not None:
+        return analyze_variants(args, _run_trace)
     from loopscope.pipeline import report
 
     out = Path(args.out)
@@ -227,10 +291,13 @@ def _add_report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output directory (default: the trace directory)")
 
 
-#: Tracing runs one prompt per forward pass (prompts differ in length and every state is kept).
+#: Tracing runs ``--batch-size`` prompts per forward pass (right-padded, grouped by length).
 TRACE_FLAGS = CommonFlags(
     seed_help="seed of the random initial state (--init-state random, or a model that draws one)",
-    refuses={"batch_size": "it traces one prompt per forward pass"},
+    batch_size="auto",
+    batch_size_help="prompts per forward pass (right-padded, grouped by length; split when "
+    "memory runs out; every prompt's trace equals tracing it alone); auto: as many as fit in "
+    "free memory, printed",
 )
 
 TRACE = Command(

@@ -71,7 +71,7 @@ class CommonFlags:
     is float32 on any device, where loading commands default to the checkpoint's dtype on a GPU.
     """
 
-    batch_size: int | None = 1
+    batch_size: int | str | None = 1
     batch_size_help: str = "prompts per forward pass"
     seed: int | None = 0
     seed_help: str = "seed of the random initial state when the model draws one"
@@ -132,7 +132,7 @@ def add_common_flags(parser: argparse.ArgumentParser, flags: CommonFlags) -> Non
     group.add_argument(
         "--batch-size",
         dest="batch_size",
-        type=int,
+        type=batch_size_value if flags.batch_size == "auto" else int,
         default=flags.batch_size,
         help=flags.batch_size_help + batch_default + _refused_note(flags, "batch_size"),
     )
@@ -165,6 +165,8 @@ class RunOptions:
     limit: int | None
     progress: bool
     threads: int
+    #: ``--batch-size auto`` (then ``batch_size`` is None): the command fits it to memory.
+    batch_auto: bool = False
 
     @property
     def on_gpu(self) -> bool:
@@ -193,6 +195,18 @@ class RunOptions:
         return model
 
 
+def batch_size_value(text: str) -> int | str:
+    """``--batch-size``: a whole number, or ``auto`` (as many as fit in free memory)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--batch-size takes a whole number or auto, got {text!r}"
+        ) from None
+
+
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 
@@ -201,27 +215,17 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def checkpoint_dtype(source: str | Path) -> str | None:
-    """The dtype ``source``'s ``config.json`` declares (``torch_dtype`` or ``dtype``), when it
-    names one of :data:`DTYPES`; None when it names none or cannot be read (loading then
-    reports the problem)."""
-    from loopscope.families.checkpoint import read_config
-    from loopscope.families.table import resolve_directory
+    """The dtype ``source``'s ``config.json`` declares, when it names one of :data:`DTYPES`
+    (see :func:`loopscope.families.table.checkpoint_dtype`)."""
+    from loopscope.families.table import checkpoint_dtype as declared
 
-    try:
-        _, config = read_config(resolve_directory(source), "a model")
-    except LoopscopeError:
-        return None
-    for key in ("torch_dtype", "dtype"):
-        value = config.get(key)
-        if isinstance(value, str) and value in DTYPES:
-            return value
-    return None
+    return declared(source)
 
 
 def default_device() -> str:
-    import torch
+    from loopscope.families.table import default_device as chosen
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return chosen()
 
 
 def _checked_device(name: str | None) -> str:
@@ -255,17 +259,20 @@ def _at_least(flag: str, value: int | None, minimum: int) -> None:
 
 def run_options(args: argparse.Namespace) -> RunOptions:
     """The common flags of ``args``, checked (a bad value raises a ``LoopscopeError``)."""
-    _at_least("--batch-size", args.batch_size, 1)
+    if args.batch_size != "auto":
+        _at_least("--batch-size", args.batch_size, 1)
     _at_least("--limit", args.limit, 1)
     _at_least("--threads", args.threads, 0)
+    auto = args.batch_size == "auto"
     return RunOptions(
         device=_checked_device(args.device),
         dtype=args.dtype,
-        batch_size=args.batch_size,
+        batch_size=None if auto else args.batch_size,
         seed=args.seed,
         limit=args.limit,
         progress=not args.no_progress,
         threads=args.threads,
+        batch_auto=auto,
     )
 
 

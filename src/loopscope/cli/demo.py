@@ -22,6 +22,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=options.seed or 0,
         progress=options.progress,
         loader=options.load,
+        batch_size=options.batch_size or 1,
     )
 
 
@@ -39,6 +40,7 @@ DEMO = Command(
     common=CommonFlags(
         seed_help="seed of torch and of any random initial state",
         limit_help="only the first N bundled problems (default 8, or 4 with --quick)",
-        refuses={"batch_size": "it traces and profiles one prompt per forward pass"},
+        batch_size_help="prompts per forward pass while tracing (the stages profile runs one "
+        "at a time)",
     ),
 )

@@ -9,6 +9,7 @@ from loopscope.analysis.stages import METRICS
 from loopscope.cli.common import Command, CommonFlags, RunOptions
 from loopscope.core.errors import LoopscopeError
 from loopscope.engine.interventions import SYNTAX
+from loopscope.trace.long_prompts import DEFAULT_LONG_PROMPTS, LONG_PROMPT_MODES
 
 __all__ = ["STAGES"]
 
@@ -40,6 +41,7 @@ def _cmd_stages(args: argparse.Namespace) -> int:
         seed=options.seed or 0,
         progress=options.progress,
         loader=options.load,
+        long_prompts=args.long_prompts,
     )
     print(f"report: {paths.html}\nmetrics: {paths.metrics_json}")
     return 0
@@ -67,6 +69,13 @@ def _add_stages_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.3,
         help="sink score at which a head counts as a sink (default 0.3)",
+    )
+    p.add_argument(
+        "--long-prompts",
+        choices=LONG_PROMPT_MODES,
+        default=DEFAULT_LONG_PROMPTS,
+        help="a prompt longer than the model's context: skip it and list it in the report "
+        "(default), truncate it to its last tokens, or stop with an error",
     )
     p.add_argument(
         "--metrics",

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from loopscope.core.errors import LoopscopeError
+from loopscope.engine.host_copy import HostStager
 from loopscope.engine.sites import Site, Stage
 
 #: What a site name looks like: ``prelude.0``, ``block.2@r5``, ``coda.1``.
@@ -89,11 +90,23 @@ class ActivationCache:
         self._sites: dict[str, Site] = {}
         self._hidden: dict[str, Tensor] = {}
         self._attn: dict[str, Tensor] = {}
+        self._stager = HostStager(self.device, self.dtype)  # non-blocking CUDA → host copies
 
     # -- the probe side ------------------------------------------------------------------
 
     def _copy(self, tensor: Tensor) -> Tensor:
-        return tensor.detach().to(device=self.device, dtype=self.dtype, copy=True)
+        return self._stager.copy(tensor)
+
+    @property
+    def _settled_hidden(self) -> dict[str, Tensor]:
+        """The recorded states, every copy in flight finished (what every read goes through)."""
+        self._stager.settle()
+        return self._hidden
+
+    @property
+    def _settled_attn(self) -> dict[str, Tensor]:
+        self._stager.settle()
+        return self._attn
 
     def observe(self, site: Site, hidden: Tensor, attn: Tensor | None) -> None:
         if not self._keeps(site):
@@ -108,6 +121,7 @@ class ActivationCache:
 
     def clear(self) -> None:
         """Forget every recorded state (to reuse the cache for another run)."""
+        self._stager.settle()
         self._sites.clear()
         self._hidden.clear()
         self._attn.clear()
@@ -128,7 +142,7 @@ class ActivationCache:
 
     def __getitem__(self, key: str | Site) -> Tensor:
         """The residual stream after ``key``'s layer, (batch, tokens, d_model)."""
-        return self._hidden[self._name(key)]
+        return self._settled_hidden[self._name(key)]
 
     def attention(self, key: str | Site) -> Tensor:
         """The attention probabilities of ``key``'s layer, (batch, heads, tokens, tokens)."""
@@ -138,7 +152,7 @@ class ActivationCache:
                 f"no attention kept at {name!r}: build the cache with attention=True (or a "
                 "predicate that selects this site)"
             )
-        return self._attn[name]
+        return self._settled_attn[name]
 
     def __contains__(self, key: object) -> bool:
         name = key.name if isinstance(key, Site) else key
@@ -158,8 +172,9 @@ class ActivationCache:
 
     def items(self) -> Iterator[tuple[Site, Tensor]]:
         """(site, residual stream) in realised-depth order."""
+        hidden = self._settled_hidden
         for site in self.sites():
-            yield site, self._hidden[site.name]
+            yield site, hidden[site.name]
 
     def attention_sites(self) -> list[Site]:
         """Sites with kept attention, in realised-depth order."""
@@ -176,13 +191,13 @@ class ActivationCache:
     def stage(self, stage: Stage) -> Tensor:
         """A stage's kept states stacked: the block as (recurrences, layers, batch, tokens,
         d_model), prelude and coda as (layers, batch, tokens, d_model)."""
-        return self._stack(stage, self.sites(stage), self._hidden)
+        return self._stack(stage, self.sites(stage), self._settled_hidden)
 
     def attention_stage(self, stage: Stage = "block") -> Tensor:
         """A stage's kept attention stacked like :meth:`stage`: the block as (recurrences,
         layers, batch, heads, tokens, tokens)."""
         sites = [s for s in self.sites(stage) if s.name in self._attn]
-        return self._stack(stage, sites, self._attn)
+        return self._stack(stage, sites, self._settled_attn)
 
     def _stack(self, stage: Stage, sites: list[Site], values: dict[str, Tensor]) -> Tensor:
         if not sites:

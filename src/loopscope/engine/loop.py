@@ -120,6 +120,7 @@ def run_loop(
     grad_depth: int | None = None,
     exit_every_recurrence: bool = False,
     allow_any_init_state: bool = False,
+    lengths: Sequence[int] | None = None,
 ) -> LoopOutput:
     """Run ``model`` for ``recurrences`` passes of its block (default: its training count).
 
@@ -129,6 +130,8 @@ def run_loop(
 
     ``grad_depth`` truncates backpropagation to the last that many recurrences (Huginn's
     training); ``exit_every_recurrence`` also reads logits out after every recurrence.
+    ``lengths`` gives each row's real token count in a right-padded batch (see
+    :func:`padded_initial_state`).
     """
     meta = model.meta
     n_rec = meta.train_recurrences if recurrences is None else int(recurrences)
@@ -146,7 +149,10 @@ def run_loop(
     generator = None
     if mode == "random":
         generator = torch.Generator(device=inputs.device).manual_seed(seed)
-    state = model.initial_state(inputs, mode, generator, model.init_std)
+    if lengths is not None and mode == "random":
+        state = padded_initial_state(model, inputs, mode, seed, lengths)
+    else:
+        state = model.initial_state(inputs, mode, generator, model.init_std)
 
     first_grad = 0 if grad_depth is None else max(0, n_rec - grad_depth)
     recurrence_logits: list[Tensor] = []
@@ -176,6 +182,28 @@ def run_loop(
     )
 
 
+def padded_initial_state(
+    model: LoopedLM, inputs: Tensor, mode: InitState, seed: int, lengths: Sequence[int]
+) -> Tensor:
+    """Z0 of a right-padded batch, each row drawn as if its prompt ran alone.
+
+    Why: a seeded random state drawn with the batch's shape (B, T_max, D) is not the
+    (1, T_i, D) draw the prompt gets alone (the generator's stream is laid out over the whole
+    shape), so each row restarts the generator from ``seed``, draws for its real length and
+    is padded with zeros (pad positions never reach a real token: every family is causal)."""
+    if len(lengths) != inputs.shape[0] or not all(1 <= n <= inputs.shape[1] for n in lengths):
+        raise ValueError(
+            f"lengths {list(lengths)} do not fit a batch of {inputs.shape[0]} rows of "
+            f"{inputs.shape[1]} tokens: give each row's real token count, 1..{inputs.shape[1]}"
+        )
+    rows = []
+    for row, length in enumerate(lengths):
+        generator = torch.Generator(device=inputs.device).manual_seed(seed)
+        drawn = model.initial_state(inputs[row : row + 1, :length], mode, generator, model.init_std)
+        rows.append(torch.nn.functional.pad(drawn, (0, 0, 0, inputs.shape[1] - length)))
+    return torch.cat(rows)
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """What fixes a run's trajectory: the recurrence count, the initial state (None: the
@@ -195,11 +223,13 @@ def run_probed(
     *,
     attention: bool | None = None,
     edit_plan: EditPlan | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> LoopOutput:
     """One gradient-free forward pass of ``spec`` feeding ``probes``: the engine call every
     measurement pass makes. ``attention`` forces attention probabilities on or off (None: when
     a probe wants them); eager attention is not bit-identical to the fused kernel, so passes
-    that must agree with each other pass the same value."""
+    that must agree with each other pass the same value. ``lengths``: each row's real token
+    count when ``input_ids`` is a right-padded batch of prompts."""
     with torch.no_grad():
         out: LoopOutput = model(
             input_ids,
@@ -209,6 +239,7 @@ def run_probed(
             probes=probes,
             return_attn=attention,
             edit_plan=edit_plan,
+            lengths=lengths,
         )
     return out
 

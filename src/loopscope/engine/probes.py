@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from loopscope.engine.cache import ActivationCache
-from loopscope.engine.sites import Site, Stage
+from loopscope.engine.sites import Probe, Site, Stage
 
 
 def _cosine_from(dot: Tensor, na: Tensor, nb: Tensor) -> Tensor:
@@ -303,3 +303,33 @@ class CaptureProbe(ActivationCache):
         if not self.attention_sites():
             return None
         return self.attention_stage("block").float().numpy()
+
+
+class PerRowProbes:
+    """Feeds every row of a right-padded batch, cut to that row's real length, to the probes
+    of its own prompt, so each prompt's probes see exactly the (1, T_i, D) states and
+    (1, H, T_i, T_i) attention of the prompt run alone and no pad position enters a metric.
+
+    Why this is exact: every family is causal, so a real token never attends to a later (pad)
+    position, rotary positions start at 0 in every row, and norms, injections and exit gates
+    act per token; the real positions of the batch compute what the prompt alone computes (up
+    to the rounding of a differently shaped matrix product)."""
+
+    def __init__(self, rows: Sequence[Sequence[Probe]], lengths: Sequence[int]) -> None:
+        if len(rows) != len(lengths):
+            raise ValueError(f"{len(rows)} probe rows for {len(lengths)} lengths")
+        self.rows = [list(probes) for probes in rows]
+        self.lengths = [int(n) for n in lengths]
+        self.wants_attention = any(p.wants_attention for probes in self.rows for p in probes)
+
+    def observe(self, site: Site, hidden: Tensor, attn: Tensor | None) -> None:
+        if hidden.shape[0] != len(self.rows):
+            raise RuntimeError(
+                f"PerRowProbes holds probes for {len(self.rows)} rows but the batch has "
+                f"{hidden.shape[0]}"
+            )
+        for row, (probes, length) in enumerate(zip(self.rows, self.lengths)):
+            h = hidden[row : row + 1, :length]
+            a = None if attn is None else attn[row : row + 1, :, :length, :length]
+            for probe in probes:
+                probe.observe(site, h, a if probe.wants_attention else None)

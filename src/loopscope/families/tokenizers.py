@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any, Protocol
 
 from loopscope.core.errors import CheckpointError
 
@@ -20,6 +22,19 @@ class PromptTokenizer:
     name: str
     bos: bool
     encode: Callable[[str], list[int]]
+
+
+class TextTokenizer(Protocol):
+    """What tracing needs of a tokenizer: a name and BOS flag for the trace header, and
+    ``encode``. Both :class:`PromptTokenizer` and :class:`DeferredTokenizer` are one."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def bos(self) -> bool: ...
+
+    def encode(self, text: str) -> list[int]: ...
 
 
 def byte_tokenizer() -> PromptTokenizer:
@@ -44,3 +59,55 @@ def checkpoint_tokenizer(directory: Path) -> PromptTokenizer:
     adds_bos = bos_id is not None and bool(probe) and probe[0] == bos_id
     name = f"{type(tokenizer).__name__}:{directory.name}"
     return PromptTokenizer(name, adds_bos, lambda text: list(tokenizer(text)["input_ids"]))
+
+
+class DeferredTokenizer:
+    """A checkpoint's own tokenizer, read from ``directory`` on first use: reading it imports
+    the Hugging Face libraries, which a model loaded only to run on ids never needs, and a
+    checkpoint without tokenizer files is refused only when its tokenizer is asked for."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @cached_property
+    def resolved(self) -> PromptTokenizer:
+        return checkpoint_tokenizer(self.directory)
+
+    @property
+    def name(self) -> str:
+        return self.resolved.name
+
+    @property
+    def bos(self) -> bool:
+        return self.resolved.bos
+
+    def encode(self, text: str) -> list[int]:
+        return self.resolved.encode(text)
+
+
+#: The attribute ``loopscope.load`` sets on every model it returns (``model.tokenizer`` stays
+#: what a Hugging Face family puts there: the library's own tokenizer object).
+TOKENIZER_ATTRIBUTE = "prompt_tokenizer"
+
+
+def attach_tokenizer(model: Any, tokenizer: TextTokenizer) -> None:
+    """Keep ``tokenizer`` on ``model`` so whoever is handed the model tokenises as it must."""
+    setattr(model, TOKENIZER_ATTRIBUTE, tokenizer)
+
+
+def model_tokenizer(model: Any) -> TextTokenizer:
+    """The tokenizer ``loopscope.load`` attached to ``model``; our byte tokenizer for a model
+    built in Python (our own families use it)."""
+    attached: TextTokenizer | None = getattr(model, TOKENIZER_ATTRIBUTE, None)
+    return attached if attached is not None else byte_tokenizer()
+
+
+def tokenizer_or_bytes(model: Any) -> TextTokenizer:
+    """:func:`model_tokenizer`, or the byte tokenizer when the checkpoint ships none: what
+    records how prompts given as ids were made (they were never tokenised here)."""
+    tokenizer = model_tokenizer(model)
+    try:
+        tokenizer.bos  # noqa: B018 - reads a deferred tokenizer's files
+    except CheckpointError:
+        return byte_tokenizer()
+    return tokenizer

@@ -245,7 +245,7 @@ def run_measurements(
         train_recurrences=int(store.meta["train_recurrences"]),
         recurrences=int(settings["recurrences"]),
         capture=str(settings.get("capture", "full")),
-        thresholds=thresholds or Thresholds(),
+        thresholds=at_dtype_resolution(thresholds or Thresholds(), store.header),
     )
     plan = _plan(MEASUREMENTS if measurements is None else measurements, prompts)
     results = _measure(plan, prompts, facts)
@@ -254,6 +254,24 @@ def run_measurements(
         verdict=_verdict(plan, results, facts, prompts),
         sections=_sections(plan, results, facts),
     )
+
+
+#: The relative rounding step (machine epsilon) of the dtypes a model runs in.
+_DTYPE_EPS = {"bfloat16": 2.0**-7, "float16": 2.0**-10, "float32": 2.0**-23}
+
+
+def at_dtype_resolution(thresholds: Thresholds, header: dict[str, Any]) -> Thresholds:
+    """``thresholds`` with the settled-step tolerance no finer than the rounding step of the
+    dtype the trace ran in: a bfloat16 state is rounded to 8 significant bits, so even at a
+    fixed point its successive states differ by about that much, and a float32 tolerance
+    would call every bfloat16 run unconverged."""
+    from dataclasses import replace
+
+    dtype = header.get("runtime", {}).get("dtype", "float32")
+    floor = _DTYPE_EPS.get(str(dtype), 0.0)
+    if thresholds.settled_step >= floor:
+        return thresholds
+    return replace(thresholds, settled_step=floor)
 
 
 def analyse_dynamics(store: TraceStore, thresholds: Thresholds | None = None) -> DynamicsAnalysis:

@@ -84,18 +84,30 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     loader: Callable[[str], LoopedLM] | None = None,
+    batch_size: int = 1,
+    device: str | None = None,
+    dtype: str | Any = None,
 ) -> int:
     """Run the demo into ``out_dir``; returns a process exit code.
 
     ``limit`` traces fewer of the bundled problems (8, or 4 with ``quick``); ``seed`` seeds
     torch and any random initial state; ``loader`` loads the two bundled models by name
-    (default :func:`loopscope.load`; the command line passes its device and dtype)."""
+    (default :func:`loopscope.load`; the command line passes its device and dtype);
+    ``batch_size`` prompts are traced per forward pass. Without a ``loader``, ``device`` and
+    ``dtype`` say where the models load (defaults as :func:`loopscope.pipeline.trace`)."""
     import loopscope
     from loopscope.pipeline import prompt_inputs, report, trace
 
     start = time.perf_counter()
     torch.manual_seed(seed)
     load = loader or loopscope.load
+    if loader is None and (device is not None or dtype is not None):
+        from loopscope.pipeline import load_keywords
+
+        def load(name: str) -> LoopedLM:
+            model: LoopedLM = loopscope.load(name, **load_keywords(name, None, device, dtype))
+            return model
+
     looped = load("demo")
     feedforward = load("demo-feedforward")
     n_prompts = 4 if quick else 8
@@ -113,7 +125,9 @@ def run_demo(
     settings = TraceSettings(
         recurrences=recurrences, seed=seed, stability_prompts=1, stability_iters=20
     )
-    store = trace(looped, prompts, out_dir / "trace", settings, progress=progress)
+    store = trace(
+        looped, prompts, out_dir / "trace", settings, progress=progress, batch_size=batch_size
+    )
     stage_sections, stage_metrics = _stages(store, feedforward, prompts, seed)
     paths = report(
         store.path,

@@ -15,20 +15,27 @@ class TraceError(LoopscopeError):
     """A trace that cannot be written or read as asked."""
 
 
+CAPTURES = ("auto", "full", "summary")
+STATE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
 @dataclass(frozen=True)
 class TraceSettings:
-    """What to run and what to keep. ``positions``: "all", "last" or explicit indices;
-    ``layers``: block layers to keep (None = all); ``keep_recurrences``: recurrences whose
-    states are stored (None = all; the online reductions still cover every recurrence, and the
-    report then uses them); ``capture``: "full" writes states,
-    "summary" keeps only online reductions (then a second pass measures distances to the
-    fixed point). Attention is kept for the first ``attention_recurrences`` recurrences and the
-    last one. ``fixed_point``: the reference X* the distances are measured against — the state
-    after the last recurrence ("last", the study's choice) or the fixed point of the block map
-    solved by Anderson acceleration to ``fixed_point_tol`` ("anderson"), mixing
-    ``fixed_point_memory`` past steps with relaxation ``fixed_point_beta`` (memory 20 and β 2
-    need ~1.7× fewer block applications on slowly contracting pre-norm stacks; the defaults
-    are the safer choice for sandwich and Ouro norms, see ``benchmarks/fixed_point.py``)."""
+    """What to run and what to keep. ``positions``: "all", "last" or explicit indices; ``layers``:
+    block layers to keep (None = all); ``keep_recurrences``: recurrences whose states are stored
+    (None = all; the online reductions still cover every recurrence, and the report then uses
+    them); ``capture``: "full" writes states, "summary" keeps only online reductions (then a
+    second pass measures distances to the fixed point), "auto" (the default) full when the
+    states fit under the disk budget, else summary (see :mod:`loopscope.trace.plan`).
+    ``state_dtype``: how stored states are kept on disk, "float32", "float16" or "bfloat16";
+    "auto" (the default) float32 for a float32 model and float16 for any other. Attention is
+    kept for the first ``attention_recurrences`` recurrences and the last one. ``fixed_point``:
+    the reference X* the distances are measured against — the state after the last recurrence
+    ("last", the study's choice) or the fixed point of the block map solved by Anderson
+    acceleration to ``fixed_point_tol`` ("anderson"), mixing ``fixed_point_memory`` past steps
+    with relaxation ``fixed_point_beta`` (memory 20 and β 2 need ~1.7× fewer block applications
+    on slowly contracting pre-norm stacks; the defaults are the safer choice for sandwich and
+    Ouro norms, see ``benchmarks/fixed_point.py``)."""
 
     recurrences: int = 64
     init_state: str | None = None
@@ -36,12 +43,12 @@ class TraceSettings:
     positions: str | list[int] = "all"
     layers: list[int] | None = None
     keep_recurrences: list[int] | None = None
-    capture: str = "full"
+    capture: str = "auto"
     attention: bool = True
     attention_recurrences: int = 16
     stability_prompts: int = 2
     stability_iters: int = 40
-    state_dtype: str = "float32"
+    state_dtype: str = "auto"
     fixed_point: str = "last"
     fixed_point_tol: float = 1e-5
     fixed_point_memory: int = 5
@@ -53,8 +60,8 @@ class TraceSettings:
         return RunSpec(self.recurrences, cast("InitState | None", self.init_state), self.seed)
 
     def validate(self, model: LoopedLM) -> None:
-        if self.capture not in ("full", "summary"):
-            raise TraceError(f"capture must be 'full' or 'summary', got {self.capture!r}")
+        if self.capture not in CAPTURES:
+            raise TraceError(f"capture must be 'auto', 'full' or 'summary', got {self.capture!r}")
         if self.recurrences < 2:
             raise TraceError("recurrences must be ≥ 2 to measure any dynamics")
         k = model.meta.block_layers
@@ -70,8 +77,10 @@ class TraceSettings:
                 f"unknown block layer index {bad}: {model.meta.name or model.meta.family} has "
                 f"{k} block layers (0..{k - 1})"
             )
-        if self.state_dtype not in ("float16", "float32"):
-            raise TraceError("state_dtype must be 'float16' or 'float32'")
+        if self.state_dtype not in STATE_DTYPES:
+            raise TraceError(
+                f"state_dtype must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype!r}"
+            )
         if self.fixed_point not in ("last", "anderson"):
             raise TraceError(
                 f"fixed_point must be 'last' (the state after the last recurrence) or "

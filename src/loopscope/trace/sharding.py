@@ -24,12 +24,14 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from loopscope.engine.contract import LoopedLM
 from loopscope.families.checkpoint import BUNDLED
+from loopscope.trace.long_prompts import fit_to_context, record_messages
+from loopscope.trace.plan import concrete_settings
 from loopscope.trace.settings import PromptInput, TraceError, TraceSettings
 from loopscope.trace.store import SHARDS_DIR, TraceStore, chunk_name, chunk_paths, model_fingerprint
 from loopscope.trace.writer import open_trace, trace_header, trace_one
@@ -110,10 +112,17 @@ def _prepare(
     tokenizer_name: str,
     bos: bool,
     device: str,
-) -> dict[str, Any]:
-    """Ray task: the trace header, computed where the model lives (the driver never loads it)."""
+    long_prompts: str = "error",
+) -> tuple[dict[str, Any], list[PromptInput]]:
+    """Ray task: the trace header and the prompts that fit the context (``long_prompts``, see
+    trace/long_prompts.py), computed where the model lives (the driver never loads it)."""
     model, _ = _worker_model(source, device)
-    return trace_header(model, prompts, settings, tokenizer_name=tokenizer_name, bos=bos)
+    fitted = fit_to_context(prompts, model.meta.context_length, long_prompts, bos=bos)
+    settings = concrete_settings(model, fitted.kept, settings)  # "auto" values: trace/plan.py
+    header = trace_header(
+        model, fitted.kept, settings, tokenizer_name=tokenizer_name, bos=bos, extra=fitted.header()
+    )
+    return header, fitted.kept
 
 
 def _trace_shard(
@@ -209,9 +218,12 @@ def trace_distributed(
     bos: bool = True,
     progress: bool = True,
     fail_once: FailOnce | None = None,
+    long_prompts: str = "error",
 ) -> TraceStore:
     """Trace ``prompts`` through the model at ``source`` into ``out_dir``, sharded over Ray
     workers (at most ``workers`` shards at once; default one per GPU, else one per CPU).
+    ``long_prompts`` says what becomes of a prompt longer than the context (see
+    :mod:`loopscope.trace.long_prompts`; here "error" unless told, as before).
 
     Uses the Ray session this process has, else connects to ``address`` or starts a local
     cluster (shut down again at the end). Resumable like :func:`trace_prompts`, and a trace
@@ -242,6 +254,7 @@ def trace_distributed(
             bos=bos,
             progress=progress,
             fail_once=fail_once,
+            long_prompts=long_prompts,
         )
     finally:
         if started:
@@ -263,6 +276,7 @@ def _run(
     bos: bool,
     progress: bool,
     fail_once: FailOnce | None,
+    long_prompts: str = "error",
 ) -> TraceStore:
     from tqdm.auto import tqdm
 
@@ -270,10 +284,16 @@ def _run(
     options = {"num_cpus": 1, "num_gpus": 1 if device == "cuda" else 0}
     prepare = ray.remote(_prepare).options(max_retries=max_retries, **options)
     try:
-        header = ray.get(prepare.remote(source, prompts, settings, tokenizer_name, bos, device))
+        header, prompts = ray.get(
+            prepare.remote(source, prompts, settings, tokenizer_name, bos, device, long_prompts)
+        )
+        for line in record_messages(header.get("long_prompts", {})):
+            print(line)
     except ray.exceptions.RayError as err:
         raise _unwrap(ray, err, f"loading {source!r} on a worker", max_retries) from None
     open_trace(out, header, prompts)
+    chosen = header["settings"]  # the worker made "auto" values concrete
+    settings = replace(settings, capture=chosen["capture"], state_dtype=chosen["state_dtype"])
     finished = set(chunk_paths(out))
     n_todo = len(prompts) - len(finished & set(range(len(prompts))))
     size = shard_size or default_shard_size(n_todo, concurrency)

@@ -41,13 +41,56 @@ def chunk_name(index: int) -> str:
 
 
 def model_fingerprint(model: LoopedLM) -> dict[str, Any]:
-    """Identity of a model for trace compatibility: its metadata and a weight checksum."""
+    """Identity of a model for trace compatibility: its metadata, a weight checksum and the
+    dtype it runs in (another dtype gives other numbers, so a trace is not resumed in one).
+    The device is not part of it: the same weights in the same dtype on another device may
+    finish a trace, and ``trace.json`` records the device separately, under ``runtime``."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         flat = tensor.detach().float().flatten()
         digest.update(flat[:: max(1, flat.numel() // 64)].cpu().numpy().tobytes())
-    return {"meta": asdict(model.meta), "weights_sha256": digest.hexdigest()[:16]}
+    return {
+        "meta": asdict(model.meta),
+        "weights_sha256": digest.hexdigest()[:16],
+        "dtype": model_dtype(model),
+    }
+
+
+def model_dtype(model: LoopedLM) -> str:
+    """The dtype of the model's floating-point weights, by torch's name (``bfloat16``)."""
+    for tensor in model.parameters():
+        if tensor.is_floating_point():
+            return str(tensor.dtype).removeprefix("torch.")
+    return "float32"
+
+
+#: How states are stored on disk: float32 and float16 as themselves, bfloat16 (which numpy
+#: lacks) as its raw 16 bits in a uint16 array.
+STORED_STATE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def stored_states(array: np.ndarray, state_dtype: str) -> np.ndarray:
+    """``array`` (float32) in the form ``state_dtype`` is stored on disk."""
+    if state_dtype == "float16":
+        return array.astype(np.float16)
+    if state_dtype == "bfloat16":
+        bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+        # round to nearest even on the 16 bits dropped (NaN stays NaN: its high bits are kept)
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        keep = np.where(np.isnan(array), bits, rounded)
+        return (keep >> np.uint32(16)).astype(np.uint16)
+    return np.asarray(array, dtype=np.float32)
+
+
+def read_states(array: np.ndarray) -> np.ndarray:
+    """A stored state array as float32, what every measurement computes in (float32 arrays
+    stay memory-mapped; a float16 or bfloat16 one is widened in memory)."""
+    if array.dtype == np.uint16:
+        return (np.asarray(array).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    if array.dtype == np.float16:
+        return np.asarray(array, dtype=np.float32)
+    return array
 
 
 def chunk_paths(out: str | Path) -> dict[int, Path]:
@@ -80,7 +123,7 @@ class PromptTrace:
         file = self.path / f"{name}.npy"
         if not file.exists():
             return None
-        return np.load(file, mmap_mode="r")
+        return read_states(np.load(file, mmap_mode="r"))
 
     @property
     def tokens(self) -> np.ndarray:

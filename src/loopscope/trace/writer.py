@@ -40,13 +40,16 @@ from torch import Tensor
 
 from loopscope.analysis.at_fixed_point import (
     attention_bound_terms,
-    solve_reference,
     stability_at_fixed_point,
 )
 from loopscope.core.atomic import publish_directory, write_json, write_text, write_with
+from loopscope.engine.batching import run_in_microbatches
 from loopscope.engine.contract import LoopedLM
-from loopscope.engine.loop import ContextLengthError, EditPlan, run_probed
-from loopscope.engine.probes import CaptureProbe, DynamicsProbe, DynamicsSummary
+from loopscope.engine.loop import EditPlan
+from loopscope.engine.probes import DynamicsSummary
+from loopscope.trace.batched import Measured, measure_batch
+from loopscope.trace.long_prompts import too_long_error
+from loopscope.trace.plan import concrete_settings, runtime_record
 from loopscope.trace.settings import PromptInput, TraceError, TraceSettings
 from loopscope.trace.store import (
     FORMAT,
@@ -55,6 +58,7 @@ from loopscope.trace.store import (
     chunk_name,
     chunk_paths,
     model_fingerprint,
+    stored_states,
 )
 
 DIMS = {
@@ -77,7 +81,7 @@ def _open_trace_dir(out: Path, header: dict[str, Any]) -> None:
     meta_path = out / "trace.json"
     if meta_path.exists():
         existing = json.loads(meta_path.read_text())
-        for key in ("format", "model", "settings", "prompts_sha256"):
+        for key in ("format", "model", "settings", "prompts_sha256", "protocol"):
             if existing.get(key) != header.get(key):
                 raise TraceError(
                     f"{out} already holds a trace with a different {key} "
@@ -103,18 +107,18 @@ def trace_header(
     *,
     tokenizer_name: str = "byte",
     bos: bool = True,
+    protocol: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Check the settings and prompts against the model and return the ``trace.json`` header
-    (the same whether one process or many trace the prompts)."""
+    (the same whether one process or many trace the prompts). ``extra`` entries (what was
+    skipped, what ``auto`` chose) are recorded but not compared on resume."""
     settings.validate(model)
     if not prompts:
         raise TraceError("no prompts to trace: the prompt file is empty")
     for index, prompt in enumerate(prompts):
         if len(prompt.ids) > model.meta.context_length:
-            raise ContextLengthError(
-                f"prompt {index} has {len(prompt.ids)} tokens but the model's context is "
-                f"{model.meta.context_length}; shorten it or remove it from the prompt file"
-            )
+            raise too_long_error(index, len(prompt.ids), model.meta.context_length)
         if not prompt.ids:
             raise TraceError(f"prompt {index} is empty after tokenisation")
     return {
@@ -125,6 +129,9 @@ def trace_header(
         "prompts_sha256": _prompts_digest(prompts),
         "n_prompts": len(prompts),
         "dims": DIMS,
+        **({} if protocol is None else {"protocol": protocol}),  # see trace/protocol.py
+        **runtime_record(model),  # device and dtype, see trace/plan.py
+        **(extra or {}),
     }
 
 
@@ -178,35 +185,79 @@ def trace_prompts(
     progress: bool = True,
     stop_after: int | None = None,
     edit_plan: EditPlan | None = None,
+    batch_size: int = 1,
+    protocol: dict[str, Any] | None = None,
+    header_extra: dict[str, Any] | None = None,
 ) -> TraceStore:
     """Trace every prompt into ``out_dir`` (resuming where a previous run stopped).
 
-    ``edit_plan`` applies interventions while tracing; ``stop_after`` ends after that many
-    new prompts (what an interrupted run looks like, for tests)."""
+    ``edit_plan`` applies interventions while tracing (per token: the same edit reaches every
+    row of a batch); ``stop_after`` ends after that many new prompts (what an interrupted run
+    looks like, for tests). ``batch_size`` prompts run per forward pass, grouped by length to
+    limit padding; every chunk equals the prompt traced alone (to rounding), the batch size is
+    not part of the trace's identity (a run resumed with another one continues the same trace),
+    and a batch that runs out of memory is split and retried."""
     from tqdm.auto import tqdm
 
-    header = trace_header(model, prompts, settings, tokenizer_name=tokenizer_name, bos=bos)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TraceError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
+    settings = concrete_settings(model, prompts, settings)  # "auto" values, see trace/plan.py
+    header = trace_header(
+        model,
+        prompts,
+        settings,
+        tokenizer_name=tokenizer_name,
+        bos=bos,
+        protocol=protocol,
+        extra=header_extra,
+    )
     if edit_plan is not None and settings.fixed_point == "anderson":
         raise TraceError("fixed_point='anderson' cannot be combined with interventions yet")
     out = Path(out_dir)
     open_trace(out, header, prompts)
-    done = 0
     finished = chunk_paths(out)
     todo = [i for i in range(len(prompts)) if i not in finished]
+    if stop_after is not None:
+        todo = todo[: max(0, stop_after)]
     model.eval()
     bar = tqdm(
         total=len(prompts), initial=len(prompts) - len(todo), disable=not progress, desc="trace"
     )
     try:
-        for index in todo:
-            if stop_after is not None and done >= stop_after:
-                break
-            trace_one(model, prompts[index], out, index, settings, edit_plan)
-            done += 1
-            bar.update(1)
+        if batch_size == 1:
+            for index in todo:
+                trace_one(model, prompts[index], out, index, settings, edit_plan)
+                bar.update(1)
+        else:
+            _trace_in_batches(model, prompts, todo, out, settings, edit_plan, batch_size, bar)
     finally:
         bar.close()
     return TraceStore(out)
+
+
+def _trace_in_batches(
+    model: LoopedLM,
+    prompts: Sequence[PromptInput],
+    todo: Sequence[int],
+    out: Path,
+    settings: TraceSettings,
+    edit_plan: EditPlan | None,
+    batch_size: int,
+    bar: Any,
+) -> None:
+    """Trace ``todo`` (prompt indices) in batches of prompts of similar length; a batch that
+    runs out of memory is halved and retried (:func:`run_in_microbatches`), skipping the
+    prompts whose chunks the failed attempt had already finished."""
+    by_length = sorted(todo, key=lambda i: (len(prompts[i].ids), i))
+
+    def run(indices: list[int]) -> list[None]:
+        pending = [i for i in indices if not (out / chunk_name(i)).exists()]
+        if pending:
+            trace_batch(model, [prompts[i] for i in pending], out, pending, settings, edit_plan)
+        bar.update(len(pending))
+        return [None] * len(indices)
+
+    run_in_microbatches(run, by_length, batch_size)
 
 
 def trace_one(
@@ -217,20 +268,37 @@ def trace_one(
     settings: TraceSettings,
     edit_plan: EditPlan | None = None,
 ) -> None:
-    """Trace one prompt into the finished chunk ``out/prompt_NNNNN``, built under a temporary
-    name (removed again if anything fails) and published only once complete."""
-    final = out / chunk_name(index)
-    partial = out / (chunk_name(index) + PARTIAL)
-    with disk_full_stops(out, f"prompt {index}"):
-        if partial.exists():
-            shutil.rmtree(partial)  # left by a run killed while writing it
-        partial.mkdir()
-        try:
-            _build_chunk(model, prompt, partial, index, settings, edit_plan)
-            publish_directory(partial, final)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+    """Trace one prompt into the finished chunk ``out/prompt_NNNNN``."""
+    trace_batch(model, [prompt], out, [index], settings, edit_plan)
+
+
+def trace_batch(
+    model: LoopedLM,
+    prompts: Sequence[PromptInput],
+    out: Path,
+    indices: Sequence[int],
+    settings: TraceSettings,
+    edit_plan: EditPlan | None = None,
+) -> None:
+    """Trace ``prompts`` in one right-padded batch, then write each into its chunk
+    ``out/prompt_NNNNN`` (``indices``: their places in the prompt list), each built under a
+    temporary name (removed again if anything fails) and published only once complete."""
+    if len(prompts) != len(indices) or not prompts:
+        raise ValueError(f"{len(prompts)} prompts for {len(indices)} chunk indices")
+    measured = measure_batch(model, prompts, settings, edit_plan)
+    for prompt, index, result in zip(prompts, indices, measured):
+        final = out / chunk_name(index)
+        partial = out / (chunk_name(index) + PARTIAL)
+        with disk_full_stops(out, f"prompt {index}"):
+            if partial.exists():
+                shutil.rmtree(partial)  # left by a run killed while writing it
+            partial.mkdir()
+            try:
+                _write_chunk(model, prompt, partial, index, settings, result)
+                publish_directory(partial, final)
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:
@@ -256,73 +324,41 @@ def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _only_row(array: np.ndarray, batch_axis: int) -> np.ndarray:
-    """The one batch row of a captured array (a chunk is one prompt); an empty stage (shape
-    (0,), a model without prelude say) stays as it is."""
+    """The one batch row of a captured array (each prompt has its own capture); an empty
+    stage (shape (0,), a model without prelude say) stays as it is."""
     if array.ndim <= batch_axis:
         return array
     return np.take(array, 0, axis=batch_axis)
 
 
-def _build_chunk(
+def _write_chunk(
     model: LoopedLM,
     prompt: PromptInput,
     chunk: Path,
     index: int,
     settings: TraceSettings,
-    edit_plan: EditPlan | None,
+    measured: Measured,
 ) -> None:
-    """Every measurement of one prompt, each file written into ``chunk`` as soon as it is
-    known (so a partial chunk holds what was done, and memory holds one array at a time)."""
-    from loopscope.analysis.measures.logit_lens import LogitLensProbe
-    from loopscope.analysis.stages import StagesAccumulator
-
+    """Every file of one prompt's chunk, each written into ``chunk`` as soon as it is known;
+    the stability records are measured on the prompt alone."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt.ids], device=device)
     keep = settings.token_positions(len(prompt.ids))
     _save_array(chunk / "tokens.npy", np.asarray(prompt.ids, dtype=np.int64))
-    capture = None
-    if settings.capture == "full":
-        capture = CaptureProbe(
-            positions=keep,
-            layers=settings.layers,
-            recurrences=settings.keep_recurrences,
-            attention=settings.attention,
-            attention_recurrences=settings.attention_kept(),
-            dtype=torch.float16 if settings.state_dtype == "float16" else torch.float32,
-        )
-    stages = StagesAccumulator()
-    dynamics = DynamicsProbe(
-        settings.recurrences, model.meta.block_layers, track_attention=settings.attention
-    )
-    lens = LogitLensProbe(model)
-    probes: list[Any] = [dynamics, stages, lens] + ([capture] if capture is not None else [])
-    run_probed(model, ids, settings.run, probes, attention=settings.attention, edit_plan=edit_plan)
-    summary = dynamics.result()
-    solved = None
-    if settings.fixed_point == "anderson":
-        solved = solve_reference(
-            model,
-            ids,
-            settings.run,
-            tol=settings.fixed_point_tol,
-            memory=settings.fixed_point_memory,
-            beta=settings.fixed_point_beta,
-        )
-    if settings.capture == "summary":
-        summary = _second_pass(model, ids, settings, edit_plan, solved)
-    if solved is not None:
-        reference = solved[0].float().cpu().numpy()
+    if measured.solved is not None:
+        reference = measured.solved[0].float().cpu().numpy()
         if settings.layers is not None:
             reference = reference[settings.layers]
         if keep is not None:
             reference = reference[:, keep]
         _save_array(chunk / "fixed_point.npy", reference)
-        write_json(chunk / "fixed_point.json", solved[1])
+        write_json(chunk / "fixed_point.json", measured.solved[1])
     block = attn = None
+    capture = measured.capture
     if capture is not None:
         for stage in ("prelude", "block", "coda"):
             array = _only_row(capture.stage_array(stage), 2 if stage == "block" else 1)
-            _save_array(chunk / f"{stage}.npy", array)
+            _save_array(chunk / f"{stage}.npy", stored_states(array, settings.state_dtype))
             block = array if stage == "block" else block
         if settings.keep_recurrences is not None:
             kept = np.asarray(sorted(settings.keep_recurrences))
@@ -330,11 +366,11 @@ def _build_chunk(
         captured_attn = capture.attention_array()
         if captured_attn is not None:
             attn = _only_row(captured_attn, 2)
-            _save_array(chunk / "attn.npy", attn)
+            _save_array(chunk / "attn.npy", stored_states(attn, settings.state_dtype))
             _save_array(chunk / "attn_recurrences.npy", np.asarray(settings.attention_kept()))
-    _save_arrays(chunk / "summary.npz", _summary_arrays(summary))
-    write_json(chunk / "stages.json", stages.result().to_dict())
-    _save_array(chunk / "logit_lens.npy", lens.result())
+    _save_arrays(chunk / "summary.npz", _summary_arrays(measured.summary))
+    write_json(chunk / "stages.json", measured.stages)
+    _save_array(chunk / "logit_lens.npy", measured.lens)
     if index < settings.stability_prompts:
         record = stability_at_fixed_point(model, ids, settings.run, iters=settings.stability_iters)
         if capture is not None:
@@ -358,35 +394,3 @@ def _attention_bound(
     if block is None or attn is None or not settings.keeps_everything():
         return None
     return attention_bound_terms(model, ids, settings.run, block, attn, settings.attention_kept())
-
-
-def _final_layer_states(
-    model: LoopedLM, ids: Tensor, settings: TraceSettings, edit_plan: EditPlan | None
-) -> Tensor:
-    """Per-layer states (L, T, D) at the last recurrence: the approximate fixed point X*."""
-    capture = CaptureProbe(recurrences=[settings.recurrences - 1])
-    run_probed(model, ids, settings.run, [capture], edit_plan=edit_plan)
-    return torch.from_numpy(capture.stage_array("block")[0, :, 0]).to(ids.device)
-
-
-def _second_pass(
-    model: LoopedLM,
-    ids: Tensor,
-    settings: TraceSettings,
-    edit_plan: EditPlan | None,
-    solved: tuple[Tensor, dict[str, Any]] | None = None,
-) -> DynamicsSummary:
-    """Distances to the fixed point without storing states: one pass finds X* (unless it was
-    solved for), the next measures every recurrence against it."""
-    if solved is not None:
-        reference = solved[0]
-    else:
-        reference = _final_layer_states(model, ids, settings, edit_plan)
-    probe = DynamicsProbe(
-        settings.recurrences,
-        model.meta.block_layers,
-        reference=reference,
-        track_attention=settings.attention,
-    )
-    run_probed(model, ids, settings.run, [probe], attention=settings.attention, edit_plan=edit_plan)
-    return probe.result()

@@ -13,6 +13,7 @@ tokens (with a finite final read-out) whose top-1 prediction there is the final 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,15 +45,21 @@ ARRAY = "logit_lens"
 
 
 class LogitLensProbe:
-    """Reads the state out after every recurrence (per-recurrence norm, coda, head; batch row
-    0, interventions not applied) and keeps each token's top-1 prediction on the device until
-    :meth:`result`."""
+    """Reads the state out after every recurrence (per-recurrence norm, coda, head;
+    interventions not applied) and keeps each token's top-1 prediction on the device until
+    :meth:`result`.
+
+    Without ``lengths`` it reads batch row 0 (one prompt). With ``lengths`` (each row's real
+    token count in a right-padded batch) it reads every row in one pass — the coda is causal,
+    so a row's real positions read out what the prompt alone does — and :meth:`rows` cuts each
+    row to its real tokens, so pad positions never enter a record."""
 
     wants_attention = False
 
-    def __init__(self, model: LoopedLM) -> None:
+    def __init__(self, model: LoopedLM, lengths: Sequence[int] | None = None) -> None:
         self.model = model
         self.last_layer = model.meta.block_layers - 1
+        self.lengths = None if lengths is None else [int(n) for n in lengths]
         self._top1: list[Tensor] = []
         self._positions: Any = None
 
@@ -60,20 +67,36 @@ class LogitLensProbe:
         if site.stage != "block" or site.layer != self.last_layer:
             return
         with torch.no_grad():
-            state = self.model.recurrence_norm(hidden[:1].detach())
+            batch = hidden.detach() if self.lengths is not None else hidden[:1].detach()
+            state = self.model.recurrence_norm(batch)
             if self._positions is None:
                 self._positions = self.model.positions(state.shape[1], state.device)
             for layer in self.model.coda:
                 state, _ = layer(state, self._positions)
-            logits = self.model.head(state)[0].float()
+            logits = self.model.head(state).float()
+            if self.lengths is None:
+                logits = logits[0]
             finite = torch.isfinite(logits).all(dim=-1)
             self._top1.append(torch.where(finite, logits.argmax(dim=-1), -1))
 
-    def result(self) -> NDArray[np.int32]:
-        """(R, T) top-1 token id of every token's read-out after each recurrence."""
+    def _stacked(self) -> NDArray[np.int32]:
         if not self._top1:
             raise RuntimeError("LogitLensProbe saw no block layer; was it passed to the engine?")
         return torch.stack(self._top1).cpu().numpy().astype(np.int32)
+
+    def result(self) -> NDArray[np.int32]:
+        """(R, T) top-1 token id of every token's read-out after each recurrence (one prompt;
+        with ``lengths``, the first row's real tokens)."""
+        if self.lengths is not None:
+            return self.rows()[0]
+        return self._stacked()
+
+    def rows(self) -> list[NDArray[np.int32]]:
+        """Per batch row, its (R, T_i) record over its real tokens only."""
+        top1 = self._stacked()
+        if self.lengths is None:
+            return [top1]
+        return [np.ascontiguousarray(top1[:, row, :n]) for row, n in enumerate(self.lengths)]
 
 
 # ------------------------------------------------------------------------------- measurement

@@ -6,10 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
+from loopscope.analysis.report_parts import Section
 from loopscope.analysis.stages import NeuronClasses, StagesProfile
 from loopscope.engine.contract import LoopedLM
 from loopscope.engine.interventions import InterventionSpec, check_specs
+from loopscope.families.tokenizers import model_tokenizer, tokenizer_or_bytes
 from loopscope.report.html import ReportPaths, write_report
 from loopscope.studies.stages.profile import (
     InterventionResult,
@@ -20,6 +23,13 @@ from loopscope.studies.stages.profile import (
     stages_profile,
 )
 from loopscope.studies.stages.sections import check_metric_names, stages_sections, stages_verdict
+from loopscope.trace.long_prompts import (
+    DEFAULT_LONG_PROMPTS,
+    FittedPrompts,
+    fit_to_context,
+    long_prompts_section,
+    skipped_metrics,
+)
 from loopscope.trace.settings import PromptInput
 
 __all__ = ["run_stages"]
@@ -30,11 +40,14 @@ def _resolve_prompts(
     limit: int | None,
     model: str | Path | LoopedLM | None = None,
 ) -> list[PromptInput]:
-    """Prompt files are tokenised with the tokenizer of ``model`` (when given by name)."""
+    """Prompt files are tokenised with the tokenizer of ``model`` (the one ``loopscope.load``
+    attached to a model object; a name's own)."""
     if isinstance(prompts, (str, Path)):
         from loopscope.families.table import tokenizer_for
         from loopscope.pipeline import prompt_inputs
 
+        if isinstance(model, LoopedLM):
+            return prompt_inputs(prompts, limit=limit, tokenizer=model_tokenizer(model))
         tokenizer = tokenizer_for(model) if isinstance(model, (str, Path)) else None
         return prompt_inputs(prompts, limit=limit, tokenizer=tokenizer)
     chosen = list(prompts)
@@ -42,6 +55,27 @@ def _resolve_prompts(
 
 
 Loader = Callable[[str | Path], LoopedLM]
+
+
+def _loader_on(device: str | None, dtype: str | Any) -> Loader:
+    """``loopscope.load`` on ``device`` in ``dtype`` (the defaults where None)."""
+
+    def load(source: str | Path) -> LoopedLM:
+        from loopscope.pipeline import load_keywords, resolve_model
+
+        return resolve_model(str(source), **load_keywords(str(source), None, device, dtype))
+
+    return load
+
+
+def _fit(model: LoopedLM, inputs: list[PromptInput], mode: str) -> FittedPrompts:
+    """The prompts that fit ``model``'s context under ``mode``, the others said aloud."""
+    fitted = fit_to_context(
+        inputs, model.meta.context_length, mode, bos=tokenizer_or_bytes(model).bos
+    )
+    for line in fitted.messages():
+        print(line)
+    return fitted
 
 
 def _resolve(source: str | Path | LoopedLM, loader: Loader | None) -> LoopedLM:
@@ -102,6 +136,9 @@ def run_stages(
     seed: int = 0,
     progress: bool = True,
     loader: Loader | None = None,
+    long_prompts: str = DEFAULT_LONG_PROMPTS,
+    device: str | None = None,
+    dtype: str | Any = None,
 ) -> ReportPaths:
     """Write a stand-alone stages report (``report.html``, ``figures/``, ``metrics.json``).
 
@@ -111,10 +148,16 @@ def run_stages(
     tables to some of the metrics. ``seed`` seeds a random initial state (for models that draw
     one); ``loader`` loads a model given by name (default :func:`loopscope.load`; the command
     line passes one with its device and dtype). Prompt files are tokenised with each named
-    model's own tokenizer.
+    model's own tokenizer. ``long_prompts``: what becomes of a prompt longer than the
+    context ("skip" and list it, "truncate" to its last tokens, or "error"; see
+    :mod:`loopscope.trace.long_prompts`). ``device`` / ``dtype`` load the models given by name
+    when no ``loader`` is given (defaults as :func:`loopscope.pipeline.trace`).
     """
+    if loader is None and (device is not None or dtype is not None):
+        loader = _loader_on(device, dtype)
     looped_model = _resolve(model, loader)
-    inputs = _resolve_prompts(prompts, limit, model)
+    fitted = _fit(looped_model, _resolve_prompts(prompts, limit, looped_model), long_prompts)
+    inputs = fitted.kept
     check_prompts(inputs)
     n_rec = looped_model.meta.train_recurrences if recurrences is None else int(recurrences)
     specs = as_specs(intervention)
@@ -134,7 +177,9 @@ def run_stages(
         ref_profile = reference
     elif reference is not None:
         ref_model = _resolve(reference, loader)
-        ref_inputs = _resolve_prompts(prompts, limit, reference)  # its own tokenizer
+        ref_inputs = _fit(  # its own tokenizer and context
+            ref_model, _resolve_prompts(prompts, limit, ref_model), long_prompts
+        ).kept
         ref_profile = stages_profile(
             ref_model, ref_inputs, sink_threshold=sink_threshold, seed=seed, progress=progress
         )
@@ -162,7 +207,17 @@ def run_stages(
             + (f"; intervention {', '.join(s.label for s in specs)}" if specs else "")
         ),
         verdict=stages_verdict(looped, stage_metrics, show_metrics),
-        sections=sections,
-        metrics={"model": asdict(meta), "recurrences": n_rec, "stages": stage_metrics},
+        sections=[*_skipped_section(fitted), *sections],
+        metrics={
+            "model": asdict(meta),
+            "recurrences": n_rec,
+            "stages": stage_metrics,
+            **skipped_metrics(fitted.record()),
+        },
         prompts=[p.text for p in inputs],
     )
+
+
+def _skipped_section(fitted: FittedPrompts) -> list[Section]:
+    section = long_prompts_section(fitted.record())
+    return [] if section is None else [section]
