@@ -97,36 +97,40 @@ def sync(device: str) -> None:
 def forward_runs(
     model: LoopedLM, batches: list[tuple[Tensor, list[int]]], recurrences: int
 ) -> dict[str, Callable[[], None]]:
-    """plain, online and online + stages over the same padded batches."""
-    from loopscope.analysis.stages import StagesAccumulator
-    from loopscope.engine.probes import DynamicsProbe, PerRowProbes
+    """plain, online and online + stages over the same padded batches, each batch's probes
+    reading every row in one pass as batched tracing does (every prompt's own summaries)."""
+    from loopscope.analysis.stages_batch import BatchStagesAccumulator
+    from loopscope.engine.probes import DynamicsProbe
 
     layers = model.meta.block_layers
 
-    def run(probes_of: Callable[[int], list[Any]] | None, attention: bool) -> None:
+    def online(lengths: list[int]) -> list[Any]:
+        return [DynamicsProbe(recurrences, layers, lengths=lengths)]
+
+    def staged(lengths: list[int]) -> list[Any]:
+        return [*online(lengths), BatchStagesAccumulator(lengths)]
+
+    def run(probes_of: Callable[[list[int]], list[Any]] | None, attention: bool) -> None:
         with torch.no_grad():
             for ids, lengths in batches:
                 if probes_of is None:
                     model(ids, recurrences=recurrences)
                     continue
-                rows = [probes_of(i) for i in range(len(lengths))]
+                probes = probes_of(lengths)
                 model(
                     ids,
                     recurrences=recurrences,
-                    probes=[PerRowProbes(rows, lengths)],
+                    probes=probes,
                     return_attn=attention,
                     lengths=lengths,
                 )
-                for probes in rows:
-                    for probe in probes:
-                        probe.result()
+                for probe in probes:
+                    probe.rows() if isinstance(probe, DynamicsProbe) else probe.results()
 
     return {
         "plain": lambda: run(None, False),
-        "online": lambda: run(lambda _: [DynamicsProbe(recurrences, layers)], False),
-        "stages": lambda: run(
-            lambda _: [DynamicsProbe(recurrences, layers), StagesAccumulator()], True
-        ),
+        "online": lambda: run(online, False),
+        "stages": lambda: run(staged, True),
     }
 
 
@@ -180,7 +184,7 @@ def run_demo(args: argparse.Namespace) -> None:
         recurrences=args.recurrences, capture="full", attention=False, stability_prompts=0
     )
     runs = forward_runs(model, padded_batches(prompts, args.batch, args.device), args.recurrences)
-    one = prompts[: max(1, args.prompts // 2)]  # one at a time is slow: half the prompts
+    one = prompts  # the same prompts: a subset of other lengths would bias prompts/s
     runs["one"] = trace_run(model, one, settings, 1)
     runs["batched"] = trace_run(model, prompts, settings, args.batch)
     print(f"model: {what}; {len(prompts)} prompts, batch {args.batch}, R={args.recurrences}")

@@ -87,9 +87,8 @@ FAMILIES: dict[str, Callable[[], LoopedLM]] = {
 }
 
 
-#: Inkling-2 cannot be traced yet, batched or not: the logit lens's mid-run read-out through
-#: the coda rebuilds the model's per-prompt context (``positions``) and extends its block
-#: states; its batched probes are compared with the prompts alone below instead.
+#: Inkling-2 is traced at two recurrences only (see the Inkling-2 tests below: each pass
+#: expands rounding differences about fivefold in the tiny model).
 TRACED = [name for name in FAMILIES if name != "inkling2"]
 
 
@@ -322,6 +321,32 @@ def test_inkling2_batched_probes_equal_each_prompt_alone(attention: bool) -> Non
         for values in (expected, got):
             values["attn"] = values["attn"] if attention else np.zeros(0)
         assert_same_values(model, expected, got, len(prompt.ids), index, recurrences)
+
+
+def test_inkling2_traces_without_a_logit_lens_batched_and_alone(tmp_path: Path) -> None:
+    # its head mixes every block state of the run, so it declares no mid-run read-out: the
+    # trace records no logit lens and the report says why instead of failing
+    model = FAMILIES["inkling2"]().eval()
+    assert not model.readout_between_recurrences
+    settings = TraceSettings(**{**SETTINGS.__dict__, "recurrences": 2})
+    prompts = prompts_of(model)
+    alone = trace_prompts(model, prompts, tmp_path / "alone", settings, progress=False)
+    batched = trace_prompts(
+        model, prompts, tmp_path / "batched", settings, progress=False, batch_size=4
+    )
+    assert batched.completed() == alone.completed() == [0, 1, 2, 3]
+    for index, chunk in chunk_paths(alone.path).items():
+        assert not (chunk / "logit_lens.npy").exists()
+        length = len(prompts[index].ids)
+        expected = _chunk_arrays(chunk)
+        got = _chunk_arrays(chunk_paths(batched.path)[index])
+        assert_same_values(model, expected, got, length, index, recurrences=2)
+    for store, name in ((alone, "r-alone"), (batched, "r-batched")):
+        made = report(store.path, tmp_path / name)
+        reason = json.loads(made.metrics_json.read_text())["dynamics"]["not_measured"]
+        assert "read out between recurrences" in reason["logit_lens"]
+        assert "trace again" not in reason["logit_lens"]
+        assert "Logit lens" in made.html.read_text()
 
 
 def _poison_pads(model: LoopedLM, monkeypatch: pytest.MonkeyPatch, value: float) -> None:

@@ -125,6 +125,13 @@ class LoopedLM(nn.Module, ABC):
     #: other unless the call passes ``allow_any_init_state=True`` (an experiment on purpose).
     supported_init_states: tuple[InitState, ...] = INIT_STATES
 
+    #: Whether the state may be read out (recurrence norm, coda, head) after any recurrence,
+    #: as if the run stopped there: what the logit lens records while tracing. A family sets
+    #: False when its coda or head depend on more of the run than the state handed to them
+    #: (Inkling-2's head mixes every block state of the run, kept in a per-prompt context
+    #: that a mid-run read-out would rebuild); its traces then carry no logit lens.
+    readout_between_recurrences: bool = True
+
     @property
     def init_std(self) -> float:
         return 1.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -53,6 +54,13 @@ class DynamicsProbe:
     ``reference`` is the per-layer fixed point (L, T, D) from a previous long run;
     ``attn_reference`` likewise (L, H, T, T).
 
+    With ``lengths`` (each row's real token count in a right-padded batch) the probe reads the
+    whole batch at once, every reduction per row over its own tokens (pad positions are zeroed
+    before any reduction and never flagged divergent), and :meth:`rows` gives each prompt's
+    summary as the prompt alone gives it, to rounding: the same kernels serve every row, which
+    is what makes a batch cheaper than its prompts one by one. ``reference`` is then one
+    (L, T_i, D) fixed point per row.
+
     States are copied into one fp32 buffer of a few recurrences (as many as fit in
     ``chunk_elements``, at least one) and every metric is reduced over the whole chunk at once:
     a few kernels per chunk instead of a few dozen per layer, because kernel launches, not
@@ -67,12 +75,20 @@ class DynamicsProbe:
         recurrences: int,
         block_layers: int,
         *,
-        reference: Tensor | None = None,
+        reference: Tensor | Sequence[Tensor] | None = None,
         attn_reference: Tensor | None = None,
         track_attention: bool = False,
+        lengths: Sequence[int] | None = None,
     ) -> None:
         self.shape = (recurrences, block_layers)
-        self.reference = reference
+        self.lengths = None if lengths is None else [int(n) for n in lengths]
+        if self.lengths is not None and attn_reference is not None:
+            raise ValueError("a batched DynamicsProbe (lengths=) takes no attn_reference")
+        self._valid: Tensor | None = None  # (B, T) real positions of a padded batch
+        self._counts: Tensor | None = None  # (B,) real token counts, float32
+        if self.lengths is not None and reference is not None:
+            reference = _padded_reference(reference, self.lengths)
+        self.reference = cast("Tensor | None", reference)
         self.attn_reference = attn_reference
         self.wants_attention = track_attention or attn_reference is not None
         # slot ``_prev_slot``: the last recurrence before the chunk (masked); the chunk fills
@@ -96,7 +112,7 @@ class DynamicsProbe:
     def observe(self, site: Site, hidden: Tensor, attn: Tensor | None) -> None:
         if site.stage != "block":
             return
-        h = hidden[0].detach()
+        h = hidden[0].detach() if self.lengths is None else hidden.detach()
         layer, n_layers = site.layer, self.shape[1]
         if layer != self._layer:
             raise RuntimeError(
@@ -128,7 +144,22 @@ class DynamicsProbe:
         self._token_norm = torch.empty(self._buf.shape[:-1], dtype=torch.float32, device=h.device)
         self._have_prev = False
         self._prev_slot, self._start = 0, 1
+        if self.lengths is not None:
+            if len(self.lengths) != h.shape[0]:
+                raise RuntimeError(
+                    f"DynamicsProbe holds {len(self.lengths)} row lengths but the batch has "
+                    f"{h.shape[0]} rows"
+                )
+            counts = torch.tensor(self.lengths, device=h.device)
+            self._valid = torch.arange(h.shape[1], device=h.device)[None, :] < counts[:, None]
+            self._counts = counts.to(torch.float32)
         return self._buf
+
+    def _token_mean(self, values: Tensor) -> Tensor:
+        """Mean over the token axis (the last): over a row's real tokens in a padded batch."""
+        if self._valid is None or self._counts is None:
+            return values.mean(-1)
+        return torch.where(self._valid, values, 0.0).sum(-1) / self._counts
 
     def _flush(self) -> None:
         """All metrics of the buffered recurrences; non-finite tokens are zeroed first (per
@@ -140,33 +171,38 @@ class DynamicsProbe:
         states = buf[c : c + n]  # (n, L, T, D)
         # x·0 is ±0 for finite x and NaN for ±inf/NaN, so a token's sum of x·0 is 0 exactly when
         # all its entries are finite (on the host ~10x cheaper than isfinite().all(-1))
-        zero_sums = (states * 0).sum(-1)  # (n, L, T): ±0 or NaN
+        zero_sums = (states * 0).sum(-1)  # (n, L, [B,] T): ±0 or NaN
+        if self._valid is not None:  # a pad position is never divergent
+            zero_sums.masked_fill_(~self._valid, 0.0)
         finite = zero_sums == 0
         nan_if_bad = zero_sums.sum((0, 1))
         self._nan_if_bad = nan_if_bad if self._nan_if_bad is None else self._nan_if_bad + nan_if_bad
+        if self._valid is not None:  # pads are zeroed, whatever they hold
+            states.masked_fill_((~finite | ~self._valid)[..., None], 0.0)
         # on the host a branch is free and skips the masking pass in the usual all-finite case;
         # on an accelerator it would wait for the device, so the mask is always applied there
-        if states.device.type != "cpu" or not bool(finite.all()):
+        elif states.device.type != "cpu" or not bool(finite.all()):
             states.masked_fill_(~finite[..., None], 0.0)
         torch.linalg.vector_norm(states, dim=-1, out=token_norm[c : c + n])
-        self._put("state_norm", torch.linalg.vector_norm(states, dim=(2, 3)))
+        state_norm = torch.linalg.vector_norm(states, dim=(-2, -1))  # (n, L[, B])
+        self._put("state_norm", state_norm)
         lo = 0 if self._have_prev else 1  # the run's first recurrence has no predecessor
         if lo:
-            nan = torch.full((1, self.shape[1]), float("nan"), device=states.device)
+            nan = torch.full_like(state_norm[:1], float("nan"))
             self._put("step_norm", nan)
             self._put("step_cosine", nan)
         if n > lo:  # recurrence i of the chunk against its predecessor
             cur, prev = buf[c + lo : c + n], buf[p + lo : p + n]
-            self._put("step_norm", torch.linalg.vector_norm(cur - prev, dim=(2, 3)))
+            self._put("step_norm", torch.linalg.vector_norm(cur - prev, dim=(-2, -1)))
             dot = (cur * prev).sum(-1)
             cos = _cosine_from(dot, token_norm[c + lo : c + n], token_norm[p + lo : p + n])
-            self._put("step_cosine", cos.mean(-1))
+            self._put("step_cosine", self._token_mean(cos))
         if self.reference is not None:
             ref, ref_token_norm, _ = self._reference(states.device)
-            self._put("ref_distance", torch.linalg.vector_norm(states - ref, dim=(2, 3)))
+            self._put("ref_distance", torch.linalg.vector_norm(states - ref, dim=(-2, -1)))
             dot = (states * ref).sum(-1)
             cos = _cosine_from(dot, token_norm[c : c + n], ref_token_norm)
-            self._put("ref_cosine", cos.mean(-1))
+            self._put("ref_cosine", self._token_mean(cos))
         if buf.shape[0] == 2:
             self._prev_slot, self._start = c, p
         else:
@@ -182,12 +218,23 @@ class DynamicsProbe:
             ref = self.reference.detach().to(device=device, dtype=torch.float32)
             norms = (
                 torch.linalg.vector_norm(ref, dim=-1),
-                torch.linalg.vector_norm(ref, dim=(1, 2)),
+                torch.linalg.vector_norm(ref, dim=(-2, -1)),
             )
             self._ref = (ref, *norms)
         return self._ref
 
     def _observe_attention(self, layer: int, attn: Tensor) -> None:
+        if self._valid is not None:  # each row's real (T_i, T_i) block of every head
+            pair = self._valid[:, None, :, None] & self._valid[:, None, None, :]
+            a = attn.detach().float().masked_fill(~pair, 0.0)
+            prev_a = self._prev_attn.get(layer)
+            if prev_a is None:
+                change = torch.full(a.shape[:1], float("nan"), device=a.device)
+            else:
+                change = (a - prev_a).norm(dim=(-2, -1)).mean(-1)
+            self._put("attn_step", change)
+            self._prev_attn[layer] = a
+            return
         a = attn[0].detach().float()
         prev_a = self._prev_attn.get(layer)
         step = (a - prev_a).norm(dim=(-2, -1)).mean() if prev_a is not None else None
@@ -204,7 +251,72 @@ class DynamicsProbe:
         values = torch.cat([r.float().reshape(-1) for r in rows]).cpu().numpy()
         return values.reshape(self.shape).astype(np.float64)
 
+    def rows(self) -> list[DynamicsSummary]:
+        """Per row of a padded batch (``lengths`` given), its summary over its real tokens."""
+        if self.lengths is None:
+            return [self.result()]
+        self._check_complete()
+        batch = len(self.lengths)
+        grids: dict[str, np.ndarray | None] = {}
+        for key in ("state_norm", "step_norm", "step_cosine", "ref_distance", "ref_cosine"):
+            grids[key] = self._batch_grid(key, batch)
+        grids["attn_step"] = self._batch_grid("attn_step", batch)
+        ref_norm = None if self._ref is None else self._ref[2].cpu().numpy().astype(np.float64)
+        bad = None if self._nan_if_bad is None else torch.isnan(self._nan_if_bad).cpu().numpy()
+        out = []
+        for row, length in enumerate(self.lengths):
+            picked = {k: None if v is None else v[..., row] for k, v in grids.items()}
+            out.append(
+                self._summary(
+                    picked,
+                    None if ref_norm is None else ref_norm[:, row],
+                    np.zeros(0, bool) if bad is None else bad[row, :length],
+                )
+            )
+        return out
+
+    def _batch_grid(self, key: str, batch: int) -> np.ndarray | None:
+        """(R, L, B) of a batched probe's records under ``key``, or None."""
+        rows = self._rows.get(key)
+        if not rows:
+            return None
+        values = torch.cat([r.float().reshape(-1, batch) for r in rows]).cpu().numpy()
+        return values.reshape(*self.shape, batch).astype(np.float64)
+
+    def _check_complete(self) -> None:
+        if self._layer:
+            raise RuntimeError(
+                f"DynamicsProbe saw {self._layer} block layers of a recurrence of "
+                f"{self.shape[1]}; construct it with block_layers=model.meta.block_layers"
+            )
+        self._flush()  # a run shorter than ``recurrences`` (reshaping will say so)
+
+    def _summary(
+        self, grids: dict[str, np.ndarray | None], ref_norm: np.ndarray | None, bad: np.ndarray
+    ) -> DynamicsSummary:
+        norm, step, cos = grids["state_norm"], grids["step_norm"], grids["step_cosine"]
+        if norm is None or step is None or cos is None:
+            raise RuntimeError("DynamicsProbe saw no block layer; was it passed to the engine?")
+        ref_distance = grids["ref_distance"]
+        ref_relative = None
+        if ref_distance is not None and ref_norm is not None:
+            ref_relative = ref_distance / np.maximum(ref_norm[None, :], 1e-30)
+        return DynamicsSummary(
+            state_norm=norm,
+            step_norm=step,
+            step_relative=step / np.maximum(norm, 1e-30),
+            step_cosine=cos,
+            ref_distance=ref_distance,
+            ref_relative=ref_relative,
+            ref_cosine=grids["ref_cosine"],
+            attn_step_norm=grids.get("attn_step"),
+            attn_ref_distance=grids.get("attn_ref"),
+            divergent=bad,
+        )
+
     def result(self) -> DynamicsSummary:
+        if self.lengths is not None:
+            raise RuntimeError("a batched DynamicsProbe (lengths=) gives its summaries by rows()")
         if self._layer:
             raise RuntimeError(
                 f"DynamicsProbe saw {self._layer} block layers of a recurrence of "
@@ -236,6 +348,19 @@ class DynamicsProbe:
             attn_ref_distance=self._grid("attn_ref"),
             divergent=bad,
         )
+
+
+def _padded_reference(references: Tensor | Sequence[Tensor], lengths: list[int]) -> Tensor:
+    """Per-row fixed points (L, T_i, D) as one (L, B, T_max, D) tensor, zero at pads."""
+    if isinstance(references, Tensor):
+        raise ValueError("a batched DynamicsProbe (lengths=) takes one reference per row")
+    if len(references) != len(lengths):
+        raise ValueError(f"{len(references)} references for {len(lengths)} rows")
+    first = references[0]
+    padded = first.new_zeros((first.shape[0], len(lengths), max(lengths), first.shape[-1]))
+    for row, (ref, length) in enumerate(zip(references, lengths)):
+        padded[:, row, :length] = ref.detach()
+    return padded
 
 
 class CaptureProbe(ActivationCache):

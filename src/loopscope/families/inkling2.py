@@ -107,6 +107,10 @@ class Inkling2LoopLM(LoopedLM):
     family. Attention probabilities exclude the attention sink's share (rows sum to ≤ 1); the
     short convolutions are not visible to probes; edits are not supported."""
 
+    #: Its coda and head read the per-prompt context of the whole run (every block state of
+    #: the last pass), so a read-out between recurrences is not defined: no logit lens.
+    readout_between_recurrences = False
+
     def __init__(
         self,
         hf_model: nn.Module,

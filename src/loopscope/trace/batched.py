@@ -33,7 +33,7 @@ class Measured:
 
     summary: DynamicsSummary
     stages: dict[str, Any]
-    lens: np.ndarray
+    lens: np.ndarray | None  # None: the family has no read-out between recurrences
     capture: CaptureProbe | None
     solved: tuple[Tensor, dict[str, Any]] | None
 
@@ -62,6 +62,8 @@ def _run_rows(
     see the padded batch itself and cut their rows themselves."""
     if len(rows) == 1:
         probes, batch_lengths = [*rows[0], *whole_batch], None
+    elif not any(rows):
+        probes, batch_lengths = list(whole_batch), lengths
     else:
         probes, batch_lengths = [PerRowProbes(rows, lengths), *whole_batch], lengths
     run_probed(
@@ -97,29 +99,36 @@ def measure_batch(
     """Every batched measurement of ``prompts``: the main pass (online summaries, stages,
     logit lens, captured states) and, for a summary-only trace, the passes that measure
     distances to the fixed point. Anderson's fixed point is solved per prompt alone."""
-    from loopscope.analysis.measures.logit_lens import LogitLensProbe
+    from loopscope.analysis.measures.logit_lens import LogitLensProbe, lens_readable
     from loopscope.analysis.stages import StagesAccumulator
+    from loopscope.analysis.stages_batch import BatchStagesAccumulator
 
     device = next(model.parameters()).device
     ids, lengths = padded_ids(prompts, device)
     captures = [_capture_probe(settings, n) for n in lengths]
-    stages = [StagesAccumulator() for _ in prompts]
-    dynamics = [
-        DynamicsProbe(
-            settings.recurrences, model.meta.block_layers, track_attention=settings.attention
-        )
-        for _ in prompts
-    ]
+    single = len(prompts) == 1
+    stages = [StagesAccumulator()] if single else []
+    batch_stages = None if single else BatchStagesAccumulator(lengths)
+    dynamics = DynamicsProbe(
+        settings.recurrences,
+        model.meta.block_layers,
+        track_attention=settings.attention,
+        lengths=None if single else lengths,
+    )
     # the logit lens reads the whole padded batch in one pass (its coda layers may need the
     # batch's own token ids, Parcae's value embeddings do); a single prompt reads it alone
-    lens = LogitLensProbe(model, lengths=None if len(prompts) == 1 else lengths)
-    rows = [[d, s] + ([c] if c is not None else []) for d, s, c in zip(dynamics, stages, captures)]
-    if len(prompts) == 1:
-        rows[0].insert(2, lens)  # the order a single prompt's probes always ran in
-        _run_rows(model, ids, lengths, settings, rows, edit_plan, settings.attention)
-    else:
-        _run_rows(model, ids, lengths, settings, rows, edit_plan, settings.attention, [lens])
-    summaries = [d.result() for d in dynamics]
+    lens = None
+    if lens_readable(model):
+        lens = LogitLensProbe(model, lengths=None if len(prompts) == 1 else lengths)
+    if single:  # the probes, in the order a single prompt's probes always ran in
+        row = [dynamics, stages[0], *([] if lens is None else [lens])]
+        row += [] if captures[0] is None else [captures[0]]
+        _run_rows(model, ids, lengths, settings, [row], edit_plan, settings.attention)
+    else:  # the online reductions read every row in one pass; captures take their own rows
+        rows = [[c] if c is not None else [] for c in captures]
+        whole = [p for p in (dynamics, batch_stages, lens) if p is not None]
+        _run_rows(model, ids, lengths, settings, rows, edit_plan, settings.attention, whole)
+    summaries = dynamics.rows()
     solved: list[tuple[Tensor, dict[str, Any]] | None] = [None] * len(prompts)
     if settings.fixed_point == "anderson":
         solved = [
@@ -135,10 +144,12 @@ def measure_batch(
         ]
     if settings.capture == "summary":
         summaries = _second_pass(model, ids, lengths, settings, edit_plan, solved)
+    lenses: list[np.ndarray | None] = [None] * len(prompts) if lens is None else [*lens.rows()]
+    profiles = [s.result() for s in stages] if batch_stages is None else batch_stages.results()
     return [
-        Measured(summary, s.result().to_dict(), top1, capture, fixed)
-        for summary, s, top1, capture, fixed in zip(
-            summaries, stages, lens.rows(), captures, solved
+        Measured(summary, profile.to_dict(), top1, capture, fixed)
+        for summary, profile, top1, capture, fixed in zip(
+            summaries, profiles, lenses, captures, solved
         )
     ]
 
@@ -171,14 +182,15 @@ def _second_pass(
         references = [s[0] for s in solved if s is not None]
     else:
         references = _final_layer_states(model, ids, lengths, settings, edit_plan)
-    probes = [
-        DynamicsProbe(
-            settings.recurrences,
-            model.meta.block_layers,
-            reference=reference,
-            track_attention=settings.attention,
-        )
-        for reference in references
-    ]
-    _run_rows(model, ids, lengths, settings, [[p] for p in probes], edit_plan, settings.attention)
-    return [p.result() for p in probes]
+    single = len(lengths) == 1
+    probe = DynamicsProbe(
+        settings.recurrences,
+        model.meta.block_layers,
+        reference=references[0] if single else references,
+        track_attention=settings.attention,
+        lengths=None if single else lengths,
+    )
+    rows: list[list[Any]] = [[probe]] if single else [[] for _ in lengths]
+    whole = [] if single else [probe]
+    _run_rows(model, ids, lengths, settings, rows, edit_plan, settings.attention, whole)
+    return probe.rows()

@@ -10,7 +10,8 @@ Each prompt becomes one chunk (arrays are ``.npy`` so they open lazily with ``mm
         summary.npz           online reductions (successive differences, norms, distances to
                               the fixed point, attention changes, divergent tokens)
         stages.json           stages-of-inference profile of this prompt
-        logit_lens.npy        (R, T) top-1 token read out after each recurrence
+        logit_lens.npy        (R, T) top-1 token read out after each recurrence (a family that
+                              cannot read out mid-run gets an empty logit_lens_unavailable.npy)
         stability.json        spectral radii at the fixed point (first prompts only)
 
 A chunk is built under ``prompt_NNNNN.partial`` (every file written atomically through
@@ -370,7 +371,10 @@ def _write_chunk(
             _save_array(chunk / "attn_recurrences.npy", np.asarray(settings.attention_kept()))
     _save_arrays(chunk / "summary.npz", _summary_arrays(measured.summary))
     write_json(chunk / "stages.json", measured.stages)
-    _save_array(chunk / "logit_lens.npy", measured.lens)
+    if measured.lens is not None:
+        _save_array(chunk / "logit_lens.npy", measured.lens)
+    else:  # the family reads out only at the end of a run; the report says so
+        _save_array(chunk / "logit_lens_unavailable.npy", np.zeros(0, np.int32))
     if index < settings.stability_prompts:
         record = stability_at_fixed_point(model, ids, settings.run, iters=settings.stability_iters)
         if capture is not None:

@@ -42,6 +42,14 @@ if TYPE_CHECKING:
 
 #: The chunk file the probe's record is saved as (``<name>.npy``).
 ARRAY = "logit_lens"
+#: The chunk file saved instead (an empty array) when the model's family declares that its
+#: state cannot be read out between recurrences (``LoopedLM.readout_between_recurrences``).
+UNAVAILABLE = "logit_lens_unavailable"
+
+
+def lens_readable(model: LoopedLM) -> bool:
+    """Whether tracing ``model`` records the logit lens (its family reads out mid-run)."""
+    return bool(getattr(model, "readout_between_recurrences", True))
 
 
 class LogitLensProbe:
@@ -57,6 +65,11 @@ class LogitLensProbe:
     wants_attention = False
 
     def __init__(self, model: LoopedLM, lengths: Sequence[int] | None = None) -> None:
+        if not lens_readable(model):
+            raise ValueError(
+                f"the {model.meta.family} family declares readout_between_recurrences=False: "
+                "its state cannot be read out between recurrences, so it has no logit lens"
+            )
         self.model = model
         self.last_layer = model.meta.block_layers - 1
         self.lengths = None if lengths is None else [int(n) for n in lengths]
@@ -76,7 +89,9 @@ class LogitLensProbe:
             logits = self.model.head(state).float()
             if self.lengths is None:
                 logits = logits[0]
-            finite = torch.isfinite(logits).all(dim=-1)
+            # x·0 is ±0 for finite x and NaN otherwise: a row's sum of x·0 is 0 exactly when
+            # every logit is finite (on the host several times cheaper than isfinite().all())
+            finite = (logits * 0).sum(dim=-1) == 0
             self._top1.append(torch.where(finite, logits.argmax(dim=-1), -1))
 
     def _stacked(self) -> NDArray[np.int32]:
@@ -211,6 +226,13 @@ def plot_logit_lens(lens: LogitLens) -> MplFigure:
     return fig
 
 
+LENS_READABLE = Need(
+    "a model whose state can be read out between recurrences",
+    "this model's family reads its state out only at the end of a run (its coda and head "
+    "depend on the whole run, as Inkling-2's head mixes every block state of the last pass), "
+    "so a mid-run read-out is not defined for it and no trace of it has a logit lens",
+    lambda prompt: prompt.array(UNAVAILABLE) is None,
+)
 LOGIT_LENS_RECORD = Need(
     "logit-lens read-outs (logit_lens.npy)",
     "trace again with this version of loopscope, which records them for every trace",
@@ -221,7 +243,7 @@ LOGIT_LENS = register(
     Measurement(
         name="logit_lens",
         title="Logit lens",
-        sources=(Source((LOGIT_LENS_RECORD,), _read),),
+        sources=(Source((LENS_READABLE, LOGIT_LENS_RECORD), _read),),
         pool=_pool,
         metrics=_metrics,
         text=_text,
