@@ -33,6 +33,13 @@ def test_quick_demo_writes_the_full_report(
     assert metrics["dynamics"]["prompts"] == 4
     stages = metrics["stages"]
     assert stages["alignment"], "the stage-alignment score against the feedforward twin"
+    accuracy = metrics["accuracy_vs_recurrences"]
+    assert list(accuracy["accuracy"]) == ["1", "2", "4", "8", "16"]
+    assert accuracy["problems"] == 4 and accuracy["kv_cache"] is True
+    assert all(0.0 <= value <= 1.0 for value in accuracy["accuracy"].values())
+    assert "seconds" not in accuracy, "metrics.json stays the same from run to run"
+    for suffix in ("png", "svg"):
+        assert (tmp_path / "figures" / f"accuracy_vs_recurrences.{suffix}").stat().st_size > 0
     html = (tmp_path / "report.html").read_text()
     for heading in (
         "Successive differences",
@@ -43,5 +50,6 @@ def test_quick_demo_writes_the_full_report(
         "Limiting behaviour",
         "Stability certificate",
         "Stages of inference",
+        "Accuracy against recurrences",
     ):
         assert heading in html, heading

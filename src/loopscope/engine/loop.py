@@ -18,6 +18,7 @@ from torch import Tensor
 
 from loopscope.core.errors import LoopscopeError
 from loopscope.engine.sites import Probe, Site
+from loopscope.nn.kv_cache import KVCache
 from loopscope.nn.layers import Edit
 
 if TYPE_CHECKING:
@@ -48,15 +49,15 @@ class ContextLengthError(LoopscopeError):
     """A prompt is longer than the model's context."""
 
 
-def _check_inputs(model: LoopedLM, input_ids: Tensor, recurrences: int) -> None:
+def _check_inputs(model: LoopedLM, input_ids: Tensor, recurrences: int, cached: int = 0) -> None:
     if input_ids.dim() != 2:
         raise ValueError(
             f"input_ids must have shape (batch, tokens), got {tuple(input_ids.shape)}; "
             "add a batch dimension with input_ids[None]"
         )
-    length = input_ids.shape[1]
-    if length == 0:
+    if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty: give at least one token")
+    length = input_ids.shape[1] + cached
     if length > model.meta.context_length:
         raise ContextLengthError(
             f"prompt has {length} tokens but {model.meta.name or model.meta.family} has a "
@@ -75,10 +76,16 @@ def _run_layers(
     probes: Sequence[Probe],
     want_attn: bool,
     edit_plan: EditPlan | None,
+    kv_cache: KVCache | None = None,
 ) -> Tensor:
     for layer, site in zip(layers, sites):
         edit = edit_plan(site) if edit_plan is not None else None
-        hidden, attn = layer(hidden, positions, return_attn=want_attn, edit=edit)
+        if kv_cache is None:
+            hidden, attn = layer(hidden, positions, return_attn=want_attn, edit=edit)
+        else:  # only families that declare supports_kv_cache take the keyword
+            hidden, attn = layer(
+                hidden, positions, return_attn=want_attn, edit=edit, kv=kv_cache.slot(site)
+            )
         for probe in probes:
             probe.observe(site, hidden, attn if probe.wants_attention else None)
     return hidden
@@ -121,6 +128,7 @@ def run_loop(
     exit_every_recurrence: bool = False,
     allow_any_init_state: bool = False,
     lengths: Sequence[int] | None = None,
+    kv_cache: KVCache | None = None,
 ) -> LoopOutput:
     """Run ``model`` for ``recurrences`` passes of its block (default: its training count).
 
@@ -131,26 +139,33 @@ def run_loop(
     ``grad_depth`` truncates backpropagation to the last that many recurrences (Huginn's
     training); ``exit_every_recurrence`` also reads logits out after every recurrence.
     ``lengths`` gives each row's real token count in a right-padded batch (see
-    :func:`padded_initial_state`).
+    :func:`padded_initial_state`). ``kv_cache``: decode incrementally, ``input_ids`` being the
+    tokens that follow the ones already in the cache (see :mod:`loopscope.engine.generation`).
     """
     meta = model.meta
     n_rec = meta.train_recurrences if recurrences is None else int(recurrences)
-    _check_inputs(model, input_ids, n_rec)
+    cached = 0 if kv_cache is None else kv_cache.tokens
+    _check_inputs(model, input_ids, n_rec, cached)
     mode = init_state or meta.default_init_state
     _check_init_state(model, mode, allow_any_init_state)
     want_attn = any(p.wants_attention for p in probes) if return_attn is None else return_attn
-    positions = model.positions(input_ids.shape[1], input_ids.device)
+    if kv_cache is not None:
+        _check_cacheable(model, kv_cache, n_rec, want_attn or exit_every_recurrence, lengths)
+    positions = model.positions(cached + input_ids.shape[1], input_ids.device)
     prelude_sites, block_sites, coda_sites = stage_sites(model, n_rec)
 
     hidden = model.embed(input_ids)
     inputs = _run_layers(
-        model.prelude, hidden, positions, prelude_sites, probes, want_attn, edit_plan
+        model.prelude, hidden, positions, prelude_sites, probes, want_attn, edit_plan, kv_cache
     )
     generator = None
     if mode == "random":
         generator = torch.Generator(device=inputs.device).manual_seed(seed)
     if lengths is not None and mode == "random":
         state = padded_initial_state(model, inputs, mode, seed, lengths)
+    elif kv_cache is not None and mode == "random":  # the new positions of the whole draw
+        whole = inputs.new_empty(inputs.shape[0], cached + inputs.shape[1], inputs.shape[2])
+        state = model.initial_state(whole, mode, generator, model.init_std)[:, cached:]
     else:
         state = model.initial_state(inputs, mode, generator, model.init_std)
 
@@ -161,7 +176,14 @@ def run_loop(
         with torch.no_grad() if no_grad else contextlib.nullcontext():
             state = model.inject(state, inputs)
             state = _run_layers(
-                model.block, state, positions, block_sites[r], probes, want_attn, edit_plan
+                model.block,
+                state,
+                positions,
+                block_sites[r],
+                probes,
+                want_attn,
+                edit_plan,
+                kv_cache,
             )
             state = model.recurrence_norm(state)
         if no_grad:
@@ -173,13 +195,45 @@ def run_loop(
                 )
             )
 
-    out = _run_layers(model.coda, state, positions, coda_sites, probes, want_attn, edit_plan)
+    out = _run_layers(
+        model.coda, state, positions, coda_sites, probes, want_attn, edit_plan, kv_cache
+    )
     logits = model.head(out)
+    if kv_cache is not None:
+        kv_cache.tokens = cached + input_ids.shape[1]
     if exit_every_recurrence:
         recurrence_logits.append(logits)
     return LoopOutput(
         logits=logits, state=state, recurrences=n_rec, recurrence_logits=recurrence_logits
     )
+
+
+def _check_cacheable(
+    model: LoopedLM,
+    kv_cache: KVCache,
+    recurrences: int,
+    extra_outputs: bool,
+    lengths: Sequence[int] | None,
+) -> None:
+    """Refuse a key/value cache where it cannot give the uncached result."""
+    name = model.meta.name or model.meta.family
+    if not getattr(model, "supports_kv_cache", False):
+        raise LoopscopeError(
+            f"the {model.meta.family} family ({name}) has no key/value cache; generate "
+            "without one (kv_cache=None, or --no-kv-cache on the command line)"
+        )
+    if kv_cache.recurrences is None:
+        kv_cache.recurrences = recurrences
+    if kv_cache.recurrences != recurrences:
+        raise LoopscopeError(
+            f"this key/value cache was filled with {kv_cache.recurrences} recurrences, not "
+            f"{recurrences}: start a new cache for another recurrence count"
+        )
+    if extra_outputs or lengths is not None:
+        raise LoopscopeError(
+            "a key/value cache serves plain decoding only: drop attention maps, per-recurrence "
+            "exits and padded batches (lengths) when passing kv_cache"
+        )
 
 
 def padded_initial_state(

@@ -127,6 +127,9 @@ class LoopConfig:
 class LoopLM(LoopedLM):
     """Our looped transformer; see :class:`LoopConfig` for the knobs."""
 
+    #: Its layers take a key/value cache slot (``kv=``) for incremental decoding.
+    supports_kv_cache = True
+
     def __init__(self, config: LoopConfig) -> None:
         super().__init__()
         self.config = config

@@ -44,7 +44,8 @@ from loopscope.families.checkpoint import (
     recognised_config,
     weight_files,
 )
-from loopscope.nn.layers import Edit, causal_attention
+from loopscope.nn.kv_cache import KVSlot
+from loopscope.nn.layers import Edit, rotary_attention
 from loopscope.nn.norms import RMSNormCastBeforeGain
 from loopscope.nn.rotary import RopeSpec, RotaryTable
 
@@ -186,14 +187,13 @@ class OuroAttention(nn.Module):
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
     def forward(
-        self, x: Tensor, rope: RotaryTable, return_attn: bool = False
+        self, x: Tensor, rope: RotaryTable, return_attn: bool = False, kv: KVSlot | None = None
     ) -> tuple[Tensor, Tensor | None]:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = rope.apply(q), rope.apply(k)
-        out, probs = causal_attention(q, k, v, return_attn)
+        out, probs = rotary_attention(q, k, v, rope, return_attn, kv)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), probs
 
 
@@ -230,9 +230,16 @@ class OuroLayer(nn.Module):
         self.post_attention_layernorm_2 = RMSNormCastBeforeGain(c.hidden_size, eps)
 
     def forward(
-        self, x: Tensor, rope: RotaryTable, *, return_attn: bool = False, edit: Edit | None = None
+        self,
+        x: Tensor,
+        rope: RotaryTable,
+        *,
+        return_attn: bool = False,
+        edit: Edit | None = None,
+        kv: KVSlot | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        a, probs = self.self_attn(self.input_layernorm(x), rope, return_attn)
+        """``kv``: this layer application's key/value cache slot when decoding incrementally."""
+        a, probs = self.self_attn(self.input_layernorm(x), rope, return_attn, kv)
         a = self.input_layernorm_2(a)
         a = edit("attn", a) if edit is not None else a
         x = x + a
@@ -256,6 +263,9 @@ class _OuroBody(nn.Module):
 class OuroLM(LoopedLM):
     """Ouro behind the family interface: p = c = 0, block = every decoder layer,
     ``recurrence_norm`` = ``model.norm``, ``head`` = ``lm_head`` on the normed state."""
+
+    #: Its layers take a key/value cache slot (``kv=``) for incremental decoding.
+    supports_kv_cache = True
 
     #: Ouro has no injection: its state is the embeddings, so only "prelude" reproduces it.
     supported_init_states: tuple[InitState, ...] = ("prelude",)

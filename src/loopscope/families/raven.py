@@ -43,7 +43,8 @@ from loopscope.families.checkpoint import (
     tensor_names,
     weight_files,
 )
-from loopscope.nn.layers import Edit, causal_attention
+from loopscope.nn.kv_cache import KVSlot
+from loopscope.nn.layers import Edit, rotary_attention
 from loopscope.nn.norms import RMSNormCastBeforeGain
 from loopscope.nn.rotary import ROPE_TABLE, RopeSpec, RotaryTable
 
@@ -243,7 +244,7 @@ class RavenAttention(nn.Module):
         self.proj = nn.Linear(q_dim, c.n_embd, bias=False)
 
     def forward(
-        self, x: Tensor, rope: RotaryTable, return_attn: bool = False
+        self, x: Tensor, rope: RotaryTable, return_attn: bool = False, kv: KVSlot | None = None
     ) -> tuple[Tensor, Tensor | None]:
         b, t, _ = x.shape
         q, k, v = self.Wqkv(x).split(self.splits, dim=-1)
@@ -255,8 +256,7 @@ class RavenAttention(nn.Module):
         if self.qk_bias is not None:
             q, k = (q + self.qk_bias[0]).to(q.dtype), (k + self.qk_bias[1]).to(q.dtype)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
-        q, k = rope.apply(q), rope.apply(k)
-        out, probs = causal_attention(q, k, v, return_attn)
+        out, probs = rotary_attention(q, k, v, rope, return_attn, kv)
         return self.proj(out.transpose(1, 2).reshape(b, t, -1)), probs
 
 
@@ -290,24 +290,31 @@ class RavenLayer(nn.Module):
         self.norm_4 = RMSNormCastBeforeGain(c.n_embd, c.norm_eps) if huginn else None
 
     def forward(
-        self, x: Tensor, rope: RotaryTable, *, return_attn: bool = False, edit: Edit | None = None
+        self,
+        x: Tensor,
+        rope: RotaryTable,
+        *,
+        return_attn: bool = False,
+        edit: Edit | None = None,
+        kv: KVSlot | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """``kv``: this layer application's key/value cache slot when decoding incrementally."""
         if self.norm_3 is not None and self.norm_4 is not None:  # huginn sandwich
-            a, probs = self.attn(self.norm_1(x), rope, return_attn)
+            a, probs = self.attn(self.norm_1(x), rope, return_attn, kv)
             a = edit("attn", a) if edit is not None else a
             x = self.norm_2(a + x)
             m = self.mlp(self.norm_3(x))
             m = edit("mlp", m) if edit is not None else m
             return self.norm_4(m + x), probs
         if self.variant == "olmo2":  # norms on the branch outputs
-            a, probs = self.attn(x, rope, return_attn)
+            a, probs = self.attn(x, rope, return_attn, kv)
             a = self.norm_1(a)
             a = edit("attn", a) if edit is not None else a
             x = a + x
             m = self.norm_2(self.mlp(x))
             m = edit("mlp", m) if edit is not None else m
             return m + x, probs
-        a, probs = self.attn(self.norm_1(x), rope, return_attn)  # llama pre-norm
+        a, probs = self.attn(self.norm_1(x), rope, return_attn, kv)  # llama pre-norm
         a = edit("attn", a) if edit is not None else a
         x = a + x
         m = self.mlp(self.norm_2(x))
@@ -323,9 +330,15 @@ class _NormThenLayer:
         self.layer = layer
 
     def __call__(
-        self, x: Tensor, rope: RotaryTable, *, return_attn: bool = False, edit: Edit | None = None
+        self,
+        x: Tensor,
+        rope: RotaryTable,
+        *,
+        return_attn: bool = False,
+        edit: Edit | None = None,
+        kv: KVSlot | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        return self.layer(self.norm(x), rope, return_attn=return_attn, edit=edit)
+        return self.layer(self.norm(x), rope, return_attn=return_attn, edit=edit, kv=kv)
 
     def __getattr__(self, name: str) -> Any:
         """Everything else (``mlp``, ``attn``, norms) is the wrapped layer's."""
@@ -336,6 +349,9 @@ class _NormThenLayer:
 class RavenLM(LoopedLM):
     """A raven checkpoint behind the model-family interface. Module and parameter names equal the
     checkpoint's tensor names (``transformer.wte``, ``transformer.prelude.N``, …, ``lm_head``)."""
+
+    #: Its layers take a key/value cache slot (``kv=``) for incremental decoding.
+    supports_kv_cache = True
 
     def __init__(self, config: RavenConfig) -> None:
         super().__init__()

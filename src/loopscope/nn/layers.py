@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loopscope.nn.kv_cache import KVSlot, cached_attention
 from loopscope.nn.norms import NormType, make_norm
 from loopscope.nn.rotary import RotaryTable
 
@@ -65,6 +66,29 @@ def causal_attention(
     return out, probs
 
 
+def rotary_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rotary: RotaryTable,
+    return_attn: bool,
+    kv: KVSlot | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Rotate queries and keys, then :func:`causal_attention` over the whole sequence; with a
+    key/value cache slot ``kv``, the new tokens are rotated at the positions that follow the
+    cached ones and attend to those too (:func:`loopscope.nn.kv_cache.cached_attention`)."""
+    if kv is None:
+        q, k = rotary.apply(q), rotary.apply(k)
+        return causal_attention(q, k, v, return_attn)
+    if return_attn:
+        raise ValueError("attention probabilities are not kept with a key/value cache")
+    if kv.rows is not None:
+        q, k = rotary.apply_at(q, kv.rows.positions), rotary.apply_at(k, kv.rows.positions)
+    else:
+        q, k = rotary.apply(q, kv.length), rotary.apply(k, kv.length)
+    return cached_attention(q, k, v, kv), None
+
+
 class Attention(nn.Module):
     """Multi-head causal self-attention with rotary positions."""
 
@@ -78,12 +102,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=bias)
 
     def forward(
-        self, x: Tensor, rotary: RotaryTable, return_attn: bool = False
+        self,
+        x: Tensor,
+        rotary: RotaryTable,
+        return_attn: bool = False,
+        kv: KVSlot | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = rotary.apply(q), rotary.apply(k)
-        out, probs = causal_attention(q, k, v, return_attn)
+        out, probs = rotary_attention(q, k, v, rotary, return_attn, kv)
         return self.proj(out.transpose(1, 2).reshape(b, t, d)), probs
 
 
@@ -144,10 +171,18 @@ class BlockLayer(nn.Module):
         self.mlp = MLP(d_model, mlp_hidden, mlp_type)
 
     def forward(
-        self, x: Tensor, rotary: RotaryTable, *, return_attn: bool = False, edit: Edit | None = None
+        self,
+        x: Tensor,
+        rotary: RotaryTable,
+        *,
+        return_attn: bool = False,
+        edit: Edit | None = None,
+        kv: KVSlot | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """``kv``: this layer application's key/value cache slot when decoding incrementally
+        (the new tokens of ``x`` follow the cached ones); None runs over the whole sequence."""
         n1, n2, n3, n4 = self.norms
-        a, probs = self.attn(n1(x), rotary, return_attn)
+        a, probs = self.attn(n1(x), rotary, return_attn, kv)
         if self.scheme == "ouro":
             a = n2(a)
         if edit is not None:

@@ -70,10 +70,24 @@ class RotaryTable:
         rope.sin = table[0, :, 0, :, 1].float()
         return rope
 
-    def apply(self, x: Tensor) -> Tensor:
-        """Rotate ``x`` of shape (batch, heads, T, head_dim)."""
+    def apply(self, x: Tensor, offset: int = 0) -> Tensor:
+        """Rotate ``x`` of shape (batch, heads, T, head_dim) whose first token sits at position
+        ``offset`` (non-zero when decoding with a key/value cache)."""
         t = x.shape[-2]
-        cos, sin = self.cos[:t].to(x.device), self.sin[:t].to(x.device)
+        cos = self.cos[offset : offset + t].to(x.device)
+        sin = self.sin[offset : offset + t].to(x.device)
+        return self._rotate(x, cos, sin)
+
+    def apply_at(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate one new token per row, ``x`` (batch, heads, 1, head_dim), row b sitting at
+        position ``positions[b]`` (a batch of prompts of different lengths being decoded)."""
+        index = positions.to(self.cos.device)
+        cos = self.cos[index].to(x.device)[:, None, None, :]
+        sin = self.sin[index].to(x.device)[:, None, None, :]
+        return self._rotate(x, cos, sin)
+
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """The rotation itself, ``cos``/``sin`` broadcasting against (…, T, head_dim/2)."""
         if self.style == "pairs":  # adjacent channels (2i, 2i+1), computed in fp32
             pairs = x.float().unflatten(-1, (-1, 2))
             a, b = pairs[..., 0], pairs[..., 1]

@@ -1,0 +1,110 @@
+"""A key/value cache for incremental decoding of a looped model, one slot per attention call.
+
+In a looped model every recurrence of a block layer is a distinct attention call over the
+sequence: a new token at recurrence r of block layer j attends to the keys and values that the
+earlier tokens had at that same recurrence r and layer j. So the cache keeps one
+:class:`KVSlot` per layer application (the engine keys them by site: stage, layer,
+recurrence), and decoding a new token costs one pass over the depth instead of a whole forward
+over the sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["KVCache", "KVSlot", "RowLayout", "cached_attention"]
+
+
+@dataclass
+class RowLayout:
+    """Where each row's tokens sit in a cache filled from right-padded prompts of different
+    lengths: ``visible`` (batch, cached) marks the cached keys a row may attend to (its own
+    prompt and what it generated, not its padding) and ``positions`` (batch,) the position of
+    each row's next token."""
+
+    visible: Tensor
+    positions: Tensor
+
+    def advanced(self) -> RowLayout:
+        """The layout after one more token per row."""
+        new = torch.ones_like(self.visible[:, :1])
+        return RowLayout(torch.cat([self.visible, new], dim=1), self.positions + 1)
+
+
+@dataclass
+class KVSlot:
+    """Keys and values (batch, kv_heads, T, head_dim) one attention call has seen so far."""
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    #: Set while decoding a padded batch (see :class:`RowLayout`); None: every row is aligned.
+    rows: RowLayout | None = None
+
+    @property
+    def length(self) -> int:
+        """How many positions are cached: the position of the next token."""
+        return 0 if self.keys is None else int(self.keys.shape[-2])
+
+    def extend(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the new positions' keys and values; returns every position's."""
+        if self.keys is None or self.values is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+        return self.keys, self.values
+
+
+@dataclass
+class KVCache:
+    """Every slot of one generation, keyed by the layer application it belongs to.
+
+    ``tokens`` is how many positions the cache holds (advanced by the engine after each call),
+    ``recurrences`` the recurrence count it was filled with: a cache is only valid for the same
+    count, since the block's slots at recurrence r exist only for r below it."""
+
+    slots: dict[Hashable, KVSlot] = field(default_factory=dict)
+    tokens: int = 0
+    recurrences: int | None = None
+    rows: RowLayout | None = None
+
+    def slot(self, key: Hashable) -> KVSlot:
+        """The slot of one layer application, made empty on first use, carrying the cache's
+        current row layout."""
+        if key not in self.slots:
+            self.slots[key] = KVSlot()
+        slot = self.slots[key]
+        slot.rows = self.rows
+        return slot
+
+
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, slot: KVSlot) -> Tensor:
+    """Causal attention of new queries (batch, heads, t, head_dim) over the cached positions
+    and the new keys/values, which are appended to ``slot``.
+
+    The new queries sit at positions ``slot.length`` onwards, so query i may see keys up to
+    ``slot.length + i``. Non-finite values are zeroed first, as the uncached attention does, so
+    a diverged token cannot poison later ones through zero-probability entries."""
+    offset = slot.length
+    v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+    keys, values = slot.extend(k, v)
+    gqa = keys.shape[1] != q.shape[1]
+    if offset == 0:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+    t, s = q.shape[-2], keys.shape[-2]
+    if slot.rows is not None:  # a padded batch: one new token per row, padding hidden
+        if t != 1:
+            raise ValueError("a padded batch is decoded one token per row at a time")
+        visible = torch.cat([slot.rows.visible, torch.ones_like(slot.rows.visible[:, :1])], 1)
+        mask = visible[:, None, None, :]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+    if t == 1:  # one new token sees every cached position: no mask to build
+        return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+    query_pos = torch.arange(offset, offset + t, device=q.device)[:, None]
+    visible = torch.arange(s, device=q.device)[None, :] <= query_pos
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=gqa)
