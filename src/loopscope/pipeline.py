@@ -223,3 +223,21 @@ def analyze(
         max_disk=max_disk,
     )
     return report(store.path, out, thresholds=thresholds)
+
+
+def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = None) -> Any:
+    """A trace (a ``loopscope trace`` directory, or a Zarr store at a path or an fsspec URL)
+    as labelled ``xarray`` datasets: ``open_trace(d).block.sel(layer=2, recurrence=slice(0,
+    8))``. Needs the ``xarray`` extra; see :mod:`loopscope.trace.open`."""
+    from loopscope.trace.open import open_trace as open_labelled
+
+    return open_labelled(path, storage_options=storage_options)
+
+
+def open_analysis(trace_dir: str | Path, thresholds: Thresholds | None = None) -> Any:
+    """Every measurement of a trace directory, kept in memory: ``verdict_frame`` and
+    ``limiting_rates`` as ``pandas.DataFrame``s, ``metrics``, and the report inline in a
+    notebook (``_repr_html_``); see :mod:`loopscope.report.frames`."""
+    from loopscope.report.frames import open_analysis as analyse
+
+    return analyse(trace_dir, thresholds)

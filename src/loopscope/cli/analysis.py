@@ -251,13 +251,29 @@ def _run_trace(args: argparse.Namespace, out: str | Path) -> TraceStore:
         raise RuntimeError(str(err)) from None
 
 
+def _add_trace_command_options(p: argparse.ArgumentParser) -> None:
+    _add_trace_options(p)
+    p.add_argument(
+        "--zarr",
+        metavar="STORE",
+        help="also write the finished trace as a Zarr v3 store there (a path or an fsspec URL), "
+        "as `loopscope convert-trace` does",
+    )
+
+
 def _cmd_trace(args: argparse.Namespace) -> int:
     if args.system_variants is not None:
+        if args.zarr is not None:
+            raise ValueError("--zarr writes one store; convert each variant's trace instead")
         for directory in trace_variants(args, Path(args.out), _run_trace):
             print(f"traced {directory.name} into {directory / 'trace'}")
         return 0
     store = _run_trace(args, args.out)
     print(f"traced {len(store)} prompts into {store.path}")
+    if args.zarr is not None:
+        from loopscope.trace.zarr_store import convert_trace
+
+        print(f"zarr store: {convert_trace(store.path, args.zarr, overwrite=True)}")
     return 0
 
 
@@ -303,7 +319,7 @@ TRACE_FLAGS = CommonFlags(
 TRACE = Command(
     "trace",
     "record every layer at every recurrence into a trace",
-    _add_trace_options,
+    _add_trace_command_options,
     _cmd_trace,
     common=TRACE_FLAGS,
 )

@@ -15,7 +15,9 @@ from loopscope.cli.adaptive import ADAPTIVE
 from loopscope.cli.analysis import ANALYZE, REPORT, TRACE
 from loopscope.cli.common import Command, run_cli
 from loopscope.cli.compare import COMPARE
+from loopscope.cli.convert import CONVERT_TRACE
 from loopscope.cli.demo import DEMO
+from loopscope.cli.evaluate import EVALUATE
 from loopscope.cli.stages import STAGES
 from loopscope.cli.training import EXPORT, TRAIN
 
@@ -30,9 +32,11 @@ COMMANDS: tuple[Command, ...] = (
     COMPARE,
     STAGES,
     ADAPTIVE,
+    EVALUATE,
     ABLATE,
     TRAIN,
     EXPORT,
+    CONVERT_TRACE,
 )
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "Section",
     "Table",
     "format_cell",
+    "page_body",
     "render_html",
     "to_jsonable",
     "write_report",
@@ -53,6 +54,10 @@ class ReportPaths:
     html: Path
     metrics_json: Path
     figures: list[Path]
+
+    def _repr_html_(self) -> str:
+        """The written report inline in a notebook (its body; figures are embedded)."""
+        return page_body(self.html.read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -336,6 +341,13 @@ def _figure_html(fig: Figure, png: bytes, formats: Sequence[str]) -> str:
         f'<img src="data:image/png;base64,{data}" alt="{_esc(fig.caption or fig.name)}">'
         f"<figcaption>{_esc(fig.caption)}{files_html}</figcaption></figure>"
     )
+
+
+def page_body(page: str) -> str:
+    """What of a report page goes inline in a notebook: its body's content (not its style
+    sheet, whose page-wide rules would restyle the whole notebook)."""
+    body = re.search(r"<body>(.*)</body>", page, re.DOTALL)
+    return f'<div class="loopscope-report">{body.group(1) if body else page}</div>'
 
 
 def render_html(
