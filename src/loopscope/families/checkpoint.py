@@ -5,7 +5,8 @@ Every family loader takes the same steps through this module: :func:`recognised_
 (config.json parsed and recognised as the family's), :class:`ConfigFields` under
 :func:`naming_the_file` (typed field reads with the family's defaults, so a wrong field is
 named with the file, the value it needs and the fix), and :func:`load_weights` (tensors read,
-checked against the model, and loaded)."""
+checked against the model, and loaded). :func:`read_family_checkpoint` takes the first two steps
+and lists the weight files in one call."""
 
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from loopscope.core.errors import CheckpointError
+
+#: A family's parsed config type (what its ``*_config_from_dict`` returns).
+ConfigT = TypeVar("ConfigT")
 
 PICKLE_NAMES = ("pytorch_model.bin", "model.pt", "model.pth", "consolidated.00.pth")
 BUNDLED = {
@@ -275,6 +279,21 @@ def naming_the_file(config_path: Path) -> Iterator[None]:
         yield
     except ValueError as err:  # CheckpointError included: it gains the path too
         raise CheckpointError(f"{config_path}: {err}") from err
+
+
+def read_family_checkpoint(
+    directory: Path,
+    what: str,
+    detect: Callable[[Mapping[str, Any]], bool],
+    parse: Callable[[dict[str, Any], str], ConfigT],
+) -> tuple[ConfigT, list[Path]]:
+    """The steps a family loader starts with: the config.json this family recognises, parsed by
+    ``parse(raw, name)`` with errors that name the file (``name`` is the config's own ``name``
+    field, else the directory's), then the checkpoint's weight files."""
+    config_path, raw = recognised_config(directory, what, detect)
+    with naming_the_file(config_path):
+        config = parse(raw, raw.get("name") or directory.name)
+    return config, weight_files(directory)
 
 
 _ABSENT = object()

@@ -58,9 +58,7 @@ from loopscope.families.checkpoint import (
     CheckpointError,
     ConfigFields,
     load_weights,
-    naming_the_file,
-    recognised_config,
-    weight_files,
+    read_family_checkpoint,
 )
 from loopscope.nn.layers import Edit
 from loopscope.nn.rotary import RopeSpec, RotaryTable
@@ -541,10 +539,12 @@ def load_hrm_text(
 ) -> HrmTextLM:
     """Load an hrm_text checkpoint directory (config.json + safetensors, sharded or not)."""
     path = Path(directory)
-    config_path, raw = recognised_config(path, "an hrm_text", is_hrm_text_config)
-    with naming_the_file(config_path):
-        config = hrm_text_config_from_dict(raw, name=raw.get("name") or path.name)
-    files = weight_files(path)
+    config, files = read_family_checkpoint(
+        path,
+        "an hrm_text",
+        is_hrm_text_config,
+        lambda raw, name: hrm_text_config_from_dict(raw, name=name),
+    )
     with torch.device("meta"):
         model = HrmTextLM(config)
     load_weights(

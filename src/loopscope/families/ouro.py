@@ -40,9 +40,7 @@ from loopscope.families.checkpoint import (
     CheckpointError,
     ConfigFields,
     load_weights,
-    naming_the_file,
-    recognised_config,
-    weight_files,
+    read_family_checkpoint,
 )
 from loopscope.nn.kv_cache import KVSlot
 from loopscope.nn.layers import Edit, rotary_attention
@@ -484,10 +482,9 @@ def load_ouro(
     Errors name every missing, unexpected or mis-shaped tensor; pickle-only checkpoints are
     refused. The model is built on the meta device and takes the tensors as its parameters."""
     path = Path(directory)
-    config_path, raw = recognised_config(path, "an Ouro", is_ouro_config)
-    with naming_the_file(config_path):
-        config = ouro_config_from_dict(raw, name=raw.get("name") or path.name)
-    files = weight_files(path)
+    config, files = read_family_checkpoint(
+        path, "an Ouro", is_ouro_config, lambda raw, name: ouro_config_from_dict(raw, name=name)
+    )
     with torch.device("meta"):
         model = OuroLM(config)
     load_weights(

@@ -44,9 +44,7 @@ from torch import Tensor, nn
 from loopscope.engine.contract import FamilyMeta, InitState, LoopedLM, LoopLayer
 from loopscope.families.checkpoint import (
     load_weights,
-    naming_the_file,
-    recognised_config,
-    weight_files,
+    read_family_checkpoint,
 )
 from loopscope.families.parcae_config import (
     NONLINEARITIES,
@@ -445,10 +443,12 @@ def load_parcae(
     does; errors name every missing, unexpected or mis-shaped tensor; pickle-only checkpoints
     (the form the authors publish) are refused with the conversion to do."""
     path = Path(directory)
-    config_path, raw = recognised_config(path, "a Parcae", is_parcae_config)
-    with naming_the_file(config_path):
-        config = parcae_config_from_dict(raw, name=raw.get("name") or path.name)
-    files = weight_files(path)
+    config, files = read_family_checkpoint(
+        path,
+        "a Parcae",
+        is_parcae_config,
+        lambda raw, name: parcae_config_from_dict(raw, name=name),
+    )
     with torch.device("meta"):
         model = ParcaeLM(config)
     table_shape = torch.Size((1, config.rope_table_length, 1, config.head_dim // 2, 2))
