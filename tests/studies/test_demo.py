@@ -40,8 +40,16 @@ def test_quick_demo_writes_the_full_report(
     assert "seconds" not in accuracy, "metrics.json stays the same from run to run"
     for suffix in ("png", "svg"):
         assert (tmp_path / "figures" / f"accuracy_vs_recurrences.{suffix}").stat().st_size > 0
+    variants = metrics["system_prompt_variants"]
+    assert list(variants) == ["none", "long-persona", "long-persona-padded", "short-math"]
+    for name, summary in variants.items():
+        assert (tmp_path / summary["report"]).is_file(), name
+        assert json.loads((tmp_path / "variants" / name / "metrics.json").read_text())
+    padded = (tmp_path / "variants" / "long-persona-padded" / "trace" / "trace.json").read_text()
+    assert json.loads(padded)["protocol"]["system"]["name"] == "long-persona-padded"
     html = (tmp_path / "report.html").read_text()
     for heading in (
+        "System-prompt variants",
         "Successive differences",
         "Approximate fixed point",
         "Cycles and degeneracy",

@@ -26,6 +26,14 @@ DEMO_PROMPTS = "demo.jsonl"
 ACCURACY_PROBLEMS = 16
 QUICK_ACCURACY_PROBLEMS = 4
 ACCURACY_RECURRENCES = (1, 2, 4, 8, 16)
+#: The system-prompt variants traced side by side over the same few problems, fewer and
+#: shallower than the main trace and without attention maps (the long persona's 384-token
+#: prompts would store 0.5 GB of them; the main trace shows attention), so that the four traces
+#: stay a small part of the demo.
+DEMO_VARIANTS = "none,long-persona,long-persona-padded,short-math"
+VARIANT_PROBLEMS = 3
+QUICK_VARIANT_PROBLEMS = 2
+VARIANT_RECURRENCES = 24
 
 
 def bundled_prompts_path() -> Path:
@@ -138,6 +146,14 @@ def run_demo(
     n_accuracy = n_accuracy if limit is None else min(n_accuracy, limit)
     accuracy_section, accuracy_metrics = accuracy_curve(looped, recurrences, seed, n_accuracy)
     print_table(accuracy_section.tables[0])
+    variant_sections, variant_metrics = system_prompt_variants(
+        looped,
+        out_dir / "variants",
+        seed,
+        min(n_prompts, QUICK_VARIANT_PROBLEMS if quick else VARIANT_PROBLEMS),
+        progress,
+    )
+    print_table(variant_sections[0].tables[0])
     paths = report(
         store.path,
         out_dir,
@@ -145,11 +161,13 @@ def run_demo(
             Section("Bundled models", tables=[models]),
             *stage_sections,
             accuracy_section,
+            *variant_sections,
         ],
         extra_metrics={
             "bundled_models": models.rows,
             "stages": stage_metrics,
             "accuracy_vs_recurrences": accuracy_metrics,
+            "system_prompt_variants": variant_metrics,
         },
         title="loopscope demo — bundled looped model",
     )
@@ -159,6 +177,60 @@ def run_demo(
     print(f"report: {paths.html}\nmetrics: {paths.metrics_json}")
     print(f"wall time: {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def system_prompt_variants(
+    model: LoopedLM, out: Path, seed: int, n_prompts: int, progress: bool
+) -> tuple[list[Section], dict[str, Any]]:
+    """The same bundled problems traced under each of :data:`DEMO_VARIANTS` (each with its own
+    trace and report under ``out/<variant>/``), as one table and the overlaid figures."""
+    from loopscope.data.prompt_format import PromptProtocol
+    from loopscope.data.system_prompts import parse_variants
+    from loopscope.pipeline import report, trace
+    from loopscope.report.compare import (
+        comparison_sections,
+        load_run,
+        run_summary,
+        summary_table,
+    )
+
+    settings = TraceSettings(
+        recurrences=VARIANT_RECURRENCES,
+        seed=seed,
+        stability_prompts=1,
+        stability_iters=20,
+        capture="full",
+        attention=False,
+    )
+    directories = []
+    for system in parse_variants(DEMO_VARIANTS):
+        directory = out / system.name
+        protocol = PromptProtocol(format="raw", system=system, seed=seed)
+        trace(
+            model,
+            bundled_prompts_path(),
+            directory / "trace",
+            settings,
+            limit=n_prompts,
+            progress=progress,
+            protocol=protocol,
+            long_prompts="truncate",
+        )
+        report(directory / "trace", directory)
+        directories.append(directory)
+    runs = [load_run(d, d.name) for d in directories]
+    table = summary_table(runs, "System-prompt variants side by side")
+    figures = [f for section in comparison_sections(runs) for f in section.figures]
+    text = (
+        f"The first {n_prompts} bundled problems traced for {VARIANT_RECURRENCES} recurrences "
+        "under each system prompt, laid out as system prompt, blank line, question (this "
+        "byte-level model has no chat template). The long persona is longer than the model's "
+        f"context of {model.meta.context_length} bytes, so those prompts keep only their last "
+        "bytes (--long-prompts truncate): the persona's end and the question. Each variant's "
+        "own report is in variants/<name>/report.html."
+    )
+    metrics = {r.name: {**run_summary(r), "report": f"variants/{r.name}/report.html"} for r in runs}
+    return [Section("System-prompt variants", text, tables=[table], figures=figures)], metrics
 
 
 def accuracy_curve(
