@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -294,6 +294,47 @@ def read_family_checkpoint(
     with naming_the_file(config_path):
         config = parse(raw, raw.get("name") or directory.name)
     return config, weight_files(directory)
+
+
+class TiedHeadModel(Protocol):
+    """A family model whose output head may share the token embedding's tensor."""
+
+    def expected_tensors(self) -> dict[str, torch.Size]: ...
+
+    def tie_weights(self) -> None: ...
+
+    def eval(self) -> Any: ...
+
+
+TiedModelT = TypeVar("TiedModelT", bound=TiedHeadModel)
+
+
+def load_tied_head_model(
+    build: Callable[[], TiedModelT],
+    files: Sequence[Path],
+    *,
+    source: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    tie_word_embeddings: bool,
+) -> TiedModelT:
+    """Build the model on the meta device (no memory, no init), take the checkpoint's tensors
+    as its parameters (``lm_head.weight`` is not expected when the head is tied to the
+    embedding), tie the head and switch to eval mode."""
+    with torch.device("meta"):
+        model = build()
+    load_weights(
+        cast(nn.Module, model),
+        files,
+        source=source,
+        dtype=dtype,
+        device=device,
+        expected=model.expected_tensors(),
+        tied=("lm_head.weight",) if tie_word_embeddings else (),
+    )
+    model.tie_weights()
+    model.eval()
+    return model
 
 
 _ABSENT = object()

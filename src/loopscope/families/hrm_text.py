@@ -57,7 +57,7 @@ from loopscope.engine.nested import (
 from loopscope.families.checkpoint import (
     CheckpointError,
     ConfigFields,
-    load_weights,
+    load_tied_head_model,
     read_family_checkpoint,
 )
 from loopscope.nn.layers import Edit
@@ -545,18 +545,13 @@ def load_hrm_text(
         is_hrm_text_config,
         lambda raw, name: hrm_text_config_from_dict(raw, name=name),
     )
-    with torch.device("meta"):
-        model = HrmTextLM(config)
-    load_weights(
-        model,
+    model = load_tied_head_model(
+        lambda: HrmTextLM(config),
         files,
         source=str(path),
         dtype=dtype,
         device=device,
-        expected=model.expected_tensors(),
-        tied=("lm_head.weight",) if config.tie_word_embeddings else (),  # model.embed_tokens
+        tie_word_embeddings=config.tie_word_embeddings,  # lm_head is model.embed_tokens
     )
-    model.tie_weights()
     model.model.z_L_init.requires_grad_(False)
-    model.eval()
     return model

@@ -39,7 +39,7 @@ from loopscope.engine.sites import Site
 from loopscope.families.checkpoint import (
     CheckpointError,
     ConfigFields,
-    load_weights,
+    load_tied_head_model,
     read_family_checkpoint,
 )
 from loopscope.nn.kv_cache import KVSlot
@@ -485,17 +485,12 @@ def load_ouro(
     config, files = read_family_checkpoint(
         path, "an Ouro", is_ouro_config, lambda raw, name: ouro_config_from_dict(raw, name=name)
     )
-    with torch.device("meta"):
-        model = OuroLM(config)
-    load_weights(
-        model,
+    model = load_tied_head_model(
+        lambda: OuroLM(config),
         files,
         source=str(path),
         dtype=dtype,
         device=device,
-        expected=model.expected_tensors(),
-        tied=("lm_head.weight",) if config.tie_word_embeddings else (),  # model.embed_tokens
+        tie_word_embeddings=config.tie_word_embeddings,  # lm_head is model.embed_tokens
     )
-    model.tie_weights()
-    model.eval()
     return model
