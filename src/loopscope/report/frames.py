@@ -5,24 +5,40 @@
 and keeps the result in memory: the verdict table and the limiting-behaviour rates as
 ``pandas.DataFrame``s, every section's tables likewise, ``metrics`` as ``metrics.json`` holds
 them, and a ``_repr_html_`` that shows the report's body (figures embedded) inline.
-``pandas`` is imported only when a table is asked for.
+``alignment_frame`` and ``alignment_summary_frame`` give the stage alignment of a looped model
+with its feedforward reference (:mod:`loopscope.analysis.alignment`) the same way; a sweep's
+cells are ``loopscope.studies.ablation.frames.cells_frame`` (this layer may not import the
+studies). ``pandas`` is imported only when a table is asked for.
 """
 
 from __future__ import annotations
 
 import io
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loopscope.analysis.alignment import Alignment
 from loopscope.analysis.registry import Thresholds
 from loopscope.analysis.report_parts import Section, Table
 from loopscope.report.html import page_body, render_html
 from loopscope.report.trace_report import analyse_dynamics
 from loopscope.trace.store import TraceStore
 
-__all__ = ["TraceAnalysis", "limiting_rates_frame", "open_analysis", "table_frame"]
+__all__ = [
+    "ALIGNMENT_SCORES",
+    "TraceAnalysis",
+    "alignment_frame",
+    "alignment_summary_frame",
+    "limiting_rates_frame",
+    "open_analysis",
+    "table_frame",
+]
+
+#: The scores of one pass against the feedforward reference (see analysis/alignment.py).
+ALIGNMENT_SCORES = ("pearson", "spearman", "dtw_distance", "lockstep_distance")
 
 
 def table_frame(table: Table) -> Any:
@@ -52,6 +68,50 @@ def limiting_rates_frame(metrics: dict[str, Any]) -> Any:
         rows[f"layer {layer}, tokens"] = dict(rates)
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "scope"
+    return frame
+
+
+def _alignment_record(score: Alignment | Mapping[str, Any]) -> dict[str, float]:
+    if isinstance(score, Alignment):
+        return {name: float(getattr(score, name)) for name in ALIGNMENT_SCORES}
+    return {name: float(score[name]) for name in ALIGNMENT_SCORES}
+
+
+def alignment_frame(
+    alignment: Mapping[str, Sequence[Alignment | Mapping[str, Any]]],
+    recurrences: Sequence[int] | None = None,
+) -> Any:
+    """Stage alignment with one row per (metric, recurrence): each pass's Pearson and
+    Spearman correlation, DTW and lockstep distance with the feedforward reference.
+    ``alignment`` is what :func:`loopscope.analysis.alignment.stage_alignment` returns (metric
+    → one :class:`Alignment` per pass; ``recurrences`` labels the passes, default 0, 1, …) or
+    the ``alignment`` entry of the stages study's metrics (records that carry their
+    ``recurrence``)."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+    for metric, scores in alignment.items():
+        for place, score in enumerate(scores):
+            if isinstance(score, Mapping) and "recurrence" in score:
+                recurrence = int(score["recurrence"])
+            else:
+                recurrence = recurrences[place] if recurrences is not None else place
+            rows.append({"metric": metric, "recurrence": recurrence, **_alignment_record(score)})
+    frame = pd.DataFrame(rows, columns=["metric", "recurrence", *ALIGNMENT_SCORES])
+    return frame.set_index(["metric", "recurrence"])
+
+
+def alignment_summary_frame(summary: Mapping[str, Mapping[str, float]]) -> Any:
+    """The mean over passes of each alignment score, one row per metric: what
+    :func:`loopscope.analysis.alignment.alignment_summary` returns, or the stages study's
+    ``alignment_summary`` metrics entry."""
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        [{name: float(scores[name]) for name in ALIGNMENT_SCORES} for scores in summary.values()],
+        index=pd.Index(list(summary), name="metric"),
+        columns=list(ALIGNMENT_SCORES),
+    )
     return frame
 
 
@@ -109,15 +169,24 @@ class TraceAnalysis:
         return page_body(self.html())
 
 
-def open_analysis(trace_dir: str | Path, thresholds: Thresholds | None = None) -> TraceAnalysis:
+def open_analysis(
+    trace_dir: str | Path,
+    thresholds: Thresholds | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> TraceAnalysis:
     """Run every registered measurement over ``trace_dir`` and keep the results in memory. A
-    Zarr trace store (a path or an fsspec URL) is first turned back into a trace directory in
-    a temporary folder, so the same loop measures it to the same numbers."""
+    Zarr trace store (a path or an fsspec URL; ``storage_options`` go to fsspec) is first
+    turned back into a trace directory in a temporary folder, so the same loop measures it to
+    the same numbers."""
     from loopscope.trace.zarr_store import is_zarr_store, restore_trace
 
-    if is_zarr_store(trace_dir):
+    if is_zarr_store(trace_dir, storage_options):
         with tempfile.TemporaryDirectory(prefix="loopscope-analysis-") as scratch:
-            analysed = open_analysis(restore_trace(trace_dir, Path(scratch) / "trace").path)
+            restored = restore_trace(
+                trace_dir, Path(scratch) / "trace", storage_options=storage_options
+            )
+            analysed = open_analysis(restored.path, thresholds)
         analysed.source = str(trace_dir)
         return analysed
     store = TraceStore(trace_dir)

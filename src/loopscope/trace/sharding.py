@@ -15,7 +15,8 @@ never seen. Rerunning skips every finished prompt, hence every finished shard.
 
 Ray is an optional extra (``pip install 'loopscope[ray]'``) imported only here, inside the
 functions; every worker must see ``out_dir`` (one machine, or a shared file system) and have
-loopscope installed.
+loopscope installed. Workers that share no disk write one Zarr store at a URL instead:
+:func:`loopscope.trace.zarr_shards.trace_distributed_zarr`.
 """
 
 from __future__ import annotations

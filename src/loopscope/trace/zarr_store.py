@@ -13,7 +13,20 @@ the summaries, lazily. ``STORE`` is a local path or an fsspec URL (``memory://``
 ``.NAME.partial`` and renamed into place when complete (``core/atomic.py::publish_directory``),
 so a visible store is whole; a store at a URL is written in place, one prompt chunk at a time,
 and is complete once its root attributes are written. A conversion that stops (killed, a full
-disk) resumes at the first prompt it had not written.
+disk) resumes at the first prompt it had not written. A ``file://`` URL is written as its path.
+
+Storage options (endpoint, credentials) go to fsspec as the ``storage_options`` dict every
+function here, ``loopscope.pipeline.open_trace`` and ``xarray.open_zarr`` take; for an S3
+server of one's own (MinIO, a local test server) with ``pip install 'loopscope[s3]'``::
+
+    options = {"key": "...", "secret": "...", "endpoint_url": "http://127.0.0.1:9000"}
+    convert_trace("trace", "s3://bucket/run.zarr", storage_options=options)
+    xarray.open_zarr("s3://bucket/run.zarr", storage_options=options)
+
+The CLI takes no such flag: s3fs reads the usual AWS environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``), which
+``loopscope convert-trace TRACE s3://bucket/run.zarr`` and ``trace --zarr`` then use.
+A sharded Ray trace writes one store at a URL directly: :mod:`loopscope.trace.zarr_shards`.
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ __all__ = [
     "is_zarr_store",
     "open_zarr_datasets",
     "restore_trace",
+    "store_location",
 ]
 
 SUMMARY_GROUP = "summary"
@@ -43,6 +57,14 @@ SUMMARY_GROUP = "summary"
 def is_url(path: str | Path) -> bool:
     """True for an fsspec URL (``memory://x``, ``s3://bucket/x``), False for a local path."""
     return "://" in str(path)
+
+
+def store_location(store: str | Path) -> str:
+    """``store`` as it is written to: a ``file://`` URL as its local path (zarr's local store
+    creates the folders it writes into, fsspec's local file system does not), anything else
+    as it is."""
+    text = str(store)
+    return text.removeprefix("file://") if text.startswith("file://") else text
 
 
 def is_zarr_store(path: str | Path, storage_options: dict[str, Any] | None = None) -> bool:
@@ -167,8 +189,10 @@ def convert_trace(
     conversion that stopped (killed, say) resumes at its first prompt not yet written. A local
     store is built as ``.NAME.partial`` next to ``dest`` and renamed into place when complete;
     at a URL the store is built in place and complete once its root attributes are written.
-    ``stop_after`` ends after that many new prompts (for tests)."""
+    ``stop_after`` ends after that many new prompts (for tests). A ``file://`` URL is
+    written as its local path."""
     trace = TraceStore(source)
+    dest = store_location(dest)
     if is_url(dest):
         if not overwrite and _is_complete(str(dest), storage_options):
             raise TraceError(f"{dest} already holds a Zarr store; pass overwrite=True to replace")
