@@ -162,22 +162,29 @@ def combine_measures(parts: Sequence[StateMeasures]) -> StateMeasures:
 
 
 class BlockStates:
-    """Probe keeping every block state (batch kept) of one run; the engine never mutates a
-    state after handing it over, so references suffice."""
+    """Probe keeping every block state (batch kept) of one run, written straight into one
+    (R, L, B, T, D) tensor: the states are stacked once as they arrive instead of kept as R·L
+    tensors and stacked at the end (which held the whole run twice)."""
 
     wants_attention = False
 
     def __init__(self, recurrences: int, layers: int) -> None:
-        self.rows: list[list[Tensor | None]] = [[None] * layers for _ in range(recurrences)]
+        self.recurrences, self.layers = recurrences, layers
+        self.states: Tensor | None = None
+        self.seen = np.zeros((recurrences, layers), dtype=bool)
 
     def observe(self, site: Site, hidden: Tensor, attn: Tensor | None) -> None:
-        if site.stage == "block":
-            self.rows[site.recurrence][site.layer] = hidden.detach()
+        if site.stage != "block":
+            return
+        if self.states is None:
+            shape = (self.recurrences, self.layers, *hidden.shape)
+            self.states = hidden.new_empty(shape)
+        self.states[site.recurrence, site.layer].copy_(hidden.detach())
+        self.seen[site.recurrence, site.layer] = True
 
     def stacked(self) -> Tensor:
-        rows = []
-        for r, row in enumerate(self.rows):
-            if any(h is None for h in row):
-                raise RuntimeError(f"recurrence {r} was not observed completely")
-            rows.append(torch.stack([h for h in row if h is not None]))
-        return torch.stack(rows)
+        missing = np.flatnonzero(~self.seen.all(axis=1))
+        if missing.size or self.states is None:
+            r = int(missing[0]) if missing.size else 0
+            raise RuntimeError(f"recurrence {r} was not observed completely")
+        return self.states

@@ -167,9 +167,13 @@ def _rms(x: Tensor) -> float:
     return float(x.float().pow(2).mean().sqrt())
 
 
-def _block_radius(model: LoopLM, ids: Tensor, z_star: Tensor, iters: int, seed: int) -> Any:
+def _block_radius(
+    model: LoopLM, ids: Tensor, z_star: Tensor, iters: int, seed: int, retain_forward: bool = True
+) -> Any:
     """Spectral radius of the whole-batch block map at ``z_star`` (block-diagonal over prompts,
-    so this is the max over prompts), always in float32."""
+    so this is the max over prompts), always in float32. ``retain_forward``: every JVP from one
+    retained forward pass at ``z_star`` (the same products to round-off, several times faster
+    at the paper width than a forward-mode JVP per product)."""
     m32 = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
     with torch.no_grad():
         x, positions = prelude_output(m32, ids)
@@ -177,13 +181,22 @@ def _block_radius(model: LoopLM, ids: Tensor, z_star: Tensor, iters: int, seed: 
     def block_map(z: Tensor) -> Tensor:
         return block_step(m32, z, x, positions)
 
-    return spectral_radius(block_map, z_star.float(), iters=iters, seed=seed)
+    return spectral_radius(
+        block_map, z_star.float(), iters=iters, seed=seed, retain_forward=retain_forward
+    )
 
 
 def measure_cell(
-    cell: Cell, preset: RandomInitPreset, ids: Tensor, *, device: str = "cpu"
+    cell: Cell,
+    preset: RandomInitPreset,
+    ids: Tensor,
+    *,
+    device: str = "cpu",
+    retain_forward: bool = True,
 ) -> CellResult:
-    """Build the cell's stack, run R recurrences on the prompt batch, measure and judge."""
+    """Build the cell's stack, run R recurrences on the prompt batch, measure and judge.
+    ``retain_forward=False`` takes the certificate's JVPs one forward-mode pass each (the
+    slower path, the same radius to round-off; benchmarks/ablation_paper.py compares them)."""
     start = time.perf_counter()
     dtype = _DTYPES[preset.dtype]
     scheme = cell_init(cell.norm, preset.init)
@@ -199,7 +212,7 @@ def measure_cell(
     m = measure_states(probe.stacked())
     radius, converged = float("nan"), False
     if m.finite:
-        est = _block_radius(model, ids, out.state, preset.spectral_iters, cell.seed)
+        est = _block_radius(model, ids, out.state, preset.spectral_iters, cell.seed, retain_forward)
         radius, converged = est.radius, est.converged
     v = verdict_of(m, radius, preset.rule)
     ratio = _rms(inputs) / max(_rms(out.state), 1e-30) if m.finite else float("nan")
