@@ -22,6 +22,10 @@ __all__ = ["ABLATE"]
 #: ``--init`` choices, the same as ``loopscope.studies.ablation.presets.INIT_CHOICES`` (a test
 #: checks it), kept here so that building the parser does not import the studies.
 INIT_CHOICES = ("family", *INIT_SCHEMES)
+#: The presets' names, as ``RANDOM_INIT_PRESETS`` and ``TRAINED_PRESETS`` hold them (a test
+#: checks it), for the same reason.
+RANDOM_INIT_PRESET_NAMES = ("quick", "paper")
+TRAINED_PRESET_NAMES = ("quick", "cpu", "paper")
 
 
 def _cmd_random_init(args: argparse.Namespace) -> int:
@@ -111,14 +115,11 @@ def _cmd_trained(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_sweep_options(p: argparse.ArgumentParser, blocks_help: str) -> None:
+def _add_sweep_options(
+    p: argparse.ArgumentParser, blocks_help: str, presets: Sequence[str], presets_help: str
+) -> None:
     p.add_argument("--out", required=True, help="output directory; a rerun resumes there")
-    p.add_argument(
-        "--preset",
-        choices=("quick", "paper"),
-        default="quick",
-        help="quick: small width, CPU-sized; paper: the study's width (meant for a GPU)",
-    )
+    p.add_argument("--preset", choices=tuple(presets), default="quick", help=presets_help)
     p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     p.add_argument("--block-sizes", dest="block_sizes", nargs="+", type=int, help=blocks_help)
     p.add_argument("--norms", nargs="+", choices=NORM_SCHEMES, help="norm schemes to include")
@@ -134,7 +135,12 @@ def _add_sweep_options(p: argparse.ArgumentParser, blocks_help: str) -> None:
 
 
 def _add_random_init_options(p: argparse.ArgumentParser) -> None:
-    _add_sweep_options(p, "block sizes (default 4 12 16)")
+    _add_sweep_options(
+        p,
+        "block sizes (default 4 12 16)",
+        RANDOM_INIT_PRESET_NAMES,
+        "quick: width 64, minutes on a CPU; paper: the study's width 512 and 128 recurrences",
+    )
     p.add_argument(
         "--adapter-init-noise",
         type=float,
@@ -151,7 +157,13 @@ def _add_random_init_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_trained_options(p: argparse.ArgumentParser) -> None:
-    _add_sweep_options(p, "looped block sizes (default 4 8 12)")
+    _add_sweep_options(
+        p,
+        "looped block sizes (default 4 8 12)",
+        TRAINED_PRESET_NAMES,
+        "quick: width 64, 300 steps; cpu: width 96, 500 steps, about 2-3 hours on 2 cores; "
+        "paper: the study's width 512 and 20k steps (meant for a GPU)",
+    )
 
 
 _SEEDS = "the cells' seeds are 0..N-1; choose N with --seeds"

@@ -83,6 +83,9 @@ RANDOM_INIT_PRESETS: dict[str, RandomInitPreset] = {
         spectral_iters=20,
     ),
     # The study's width (512, 4 heads as its trained models) and its 128-recurrence runs.
+    # A 12-layer cell costs ≈ 53 CPU s on one core (benchmarks/ablation_paper.py): the 128
+    # recurrences ≈ 57%, the certificate's 60 JVPs from one retained forward pass ≈ 34%; the
+    # study's six cells × 3 seeds × blocks 4/12/16 project to ≈ 42 min on one unloaded core.
     "paper": RandomInitPreset(
         name="paper",
         d_model=512,
@@ -150,6 +153,30 @@ TRAINED_PRESETS: dict[str, TrainedPreset] = {
         ),
         trace_recurrences=64,
         prompts=4,
+        stability_iters=20,
+    ),
+    # The study's grid at the scale of a 2-core CPU: width 96 and 500 steps of batch 16 on
+    # 1–2-step problems, pre-norm, constant 4 recurrences, final-output loss. Projected from
+    # measured training-step times (≈ 50 ms per layer-step at width 96 on one thread; the grid
+    # realises 420 layers per step) to about 2 hours of training on 2 cores, plus the traces.
+    "cpu": TrainedPreset(
+        name="cpu",
+        d_model=96,
+        n_heads=4,
+        train=TrainConfig(
+            steps=500,
+            batch_size=16,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=40,
+            eval_every=500,
+            eval_problems=64,
+            accuracy_problems=32,
+            checkpoint_every=50,
+            max_problem_steps=2,
+        ),
+        trace_recurrences=64,
+        prompts=8,
         stability_iters=20,
     ),
     # The study's recipe (registry study-* configs): width 512, 4 heads, constant 4 recurrences,
