@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import FIXTURES, tiny_trace_config
+from helpers import FIXTURES, HF_VOCAB, tiny_hf_model, tiny_inkling, tiny_trace_config
+from hrm_checkpoints import save_reference
 from tolerances import forward_depth, forward_tolerance, magnitude, widest_sum
 
 import loopscope
@@ -16,12 +17,16 @@ from loopscope.data import ByteTokenizer, format_prompt, load_gsm8k_jsonl
 from loopscope.engine.contract import LoopedLM
 from loopscope.engine.generation import (
     Generation,
+    GenerationUnsupportedError,
     KVCacheUnsupportedError,
     generate_greedy,
     generate_greedy_batch,
     random_state_is_prefix_stable,
 )
 from loopscope.engine.loop import run_loop
+from loopscope.families.hf_retrofit import RetrofitLM, feedforward_hf
+from loopscope.families.hrm_text import load_hrm_text
+from loopscope.families.inkling2 import Inkling2LoopLM
 from loopscope.families.looplm import LoopLM
 from loopscope.families.parcae import load_parcae
 from loopscope.nn.kv_cache import KVCache
@@ -128,13 +133,16 @@ def test_the_cache_counts_against_the_context(tiny_trace_model: LoopLM) -> None:
 
 
 def test_a_family_without_a_cache_is_refused_and_generates_without_one() -> None:
-    model = load_parcae(FIXTURES / "parcae" / "checkpoint")
-    with pytest.raises(KVCacheUnsupportedError, match="parcae.*--no-kv-cache"):
+    """A Hugging Face decoder on an attention path whose masks loopscope does not build for
+    new tokens (flex attention) refuses the cache, naming the way out, and still generates."""
+    model = RetrofitLM(tiny_hf_model("llama"), attn_implementation="flex_attention")
+    with pytest.raises(KVCacheUnsupportedError, match="retrofit-llama.*--no-kv-cache"):
         generate_greedy(model, [1, 2, 3], max_new_tokens=2)
-    with pytest.raises(LoopscopeError, match="parcae.*no key/value cache"):
+    with pytest.raises(LoopscopeError, match="retrofit-llama.*no key/value cache"):
         run_loop(model, torch.tensor([[1, 2, 3]]), kv_cache=KVCache())
     out = generate_greedy(model, [1, 2, 3], max_new_tokens=2, kv_cache=False)
-    logits = run_loop(model, torch.tensor([[1, 2, 3]])).logits
+    with torch.no_grad():
+        logits = run_loop(model, torch.tensor([[1, 2, 3]])).logits
     assert out.tokens[0] == int(logits[0, -1].argmax())
 
 
@@ -230,3 +238,125 @@ def test_a_padded_batch_generates_what_each_prompt_generates_alone(
     assert [g.tokens for g in batch] == [g.tokens for g in alone]
     assert [g.stopped for g in batch] == [g.stopped for g in alone]
     assert all(g.tokens for g in batch)
+
+
+# ------------------------------------------------------------- the other families' caches
+#: Prompts of three lengths for the tiny Hugging Face decoders and Parcae (vocab ≥ 100).
+FAMILY_PROMPTS = ([3], [5, 9, 2, 7, 11, 4, 6, 8], [8, 1])
+
+
+def _assert_cache_matches(
+    model: LoopedLM, recurrences: tuple[int, ...], logits: bool = True, **options: Any
+) -> None:
+    """For every recurrence count: each prompt alone gives the uncached tokens (and, with
+    ``logits``, logits equal up to rounding), the prefill is the uncached forward bit for bit,
+    and the prompts decoded as one padded batch give each prompt's uncached tokens."""
+    for r in recurrences:
+        alone = []
+        for prompt in FAMILY_PROMPTS:
+            cached, full = _both(model, prompt, recurrences=r, max_new_tokens=10, **options)
+            assert cached.tokens == full.tokens and len(cached.tokens) == 10, (r, prompt)
+            assert torch.equal(cached.step_logits[0], full.step_logits[0])
+            if logits:
+                _assert_logits_agree(model, cached, full, r)
+            alone.append(full.tokens)
+        batch = generate_greedy_batch(
+            model, FAMILY_PROMPTS, recurrences=r, max_new_tokens=10, **options
+        )
+        assert [g.tokens for g in batch] == alone, r
+
+
+def test_parcae_generates_the_same_with_its_cache() -> None:
+    """Parcae's reference checkpoint (value embeddings, q/k norms after adjacent-pair rotary,
+    grouped-query prelude and coda), below and past its training depth (8), from zeros and
+    from the prelude output."""
+    model = load_parcae(FIXTURES / "parcae" / "checkpoint")
+    assert model.supports_kv_cache
+    assert any(getattr(call, "ve_key", None) is not None for call in model.block)
+    for init_state in ("zeros", "prelude"):
+        _assert_cache_matches(model, (1, 3, 10), init_state=init_state)
+
+
+def test_parcae_refuses_the_cache_from_its_length_dependent_random_state() -> None:
+    """Parcae's truncated-normal draw depends on the sequence length, so its default random
+    state cannot be cached (the refusal names the way out), and generates without it."""
+    model = load_parcae(FIXTURES / "parcae" / "checkpoint")
+    assert model.meta.default_init_state == "random"
+    with pytest.raises(KVCacheUnsupportedError, match="--no-kv-cache"):
+        generate_greedy(model, [5, 9], max_new_tokens=2)
+    assert len(generate_greedy(model, [5, 9], max_new_tokens=2, kv_cache=False).tokens) == 2
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "olmo2", "gpt2"])
+def test_hf_feedforward_and_retrofit_generate_the_same_with_their_cache(model_type: str) -> None:
+    """transformers' own decoders, unlooped and with their middle layers looped (prelude and
+    coda around the block), SDPA and eager: rotate-half rotary, grouped-query attention and
+    GPT-2's learned positions, which a cached token looks up at its own position."""
+    hf = tiny_hf_model(model_type)
+    for attention in ("sdpa", "eager"):
+        feedforward = feedforward_hf(hf, attn_implementation=attention)
+        looped = RetrofitLM(
+            hf, loop=(1, 3), recurrences=2, injection="add", attn_implementation=attention
+        )
+        assert feedforward.supports_kv_cache and looped.supports_kv_cache
+        _assert_cache_matches(feedforward, (1, 3))
+        _assert_cache_matches(looped, (1, 2, 5))
+
+
+def _tiny_mistral(window: int) -> Any:
+    import transformers
+
+    config = transformers.MistralConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=HF_VOCAB,
+        max_position_embeddings=64,
+        sliding_window=window,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.15)
+    return model.eval()
+
+
+def test_a_sliding_window_decoder_generates_the_same_with_its_cache() -> None:
+    """Mistral with a window of three tokens: a cached token sees only the keys of its window
+    (counted in positions, so a padded row's window skips its padding)."""
+    hf = _tiny_mistral(3)
+    for attention in ("sdpa", "eager"):
+        model = RetrofitLM(
+            hf, loop=(1, 3), recurrences=2, injection="add", attn_implementation=attention
+        )
+        assert {getattr(layer, "kind", None) for layer in model.block} == {"sliding_attention"}
+        _assert_cache_matches(model, (1, 4))
+
+
+def test_inkling2_loop_generates_the_same_with_its_cache() -> None:
+    """Inkling-2's loop (attention sinks, relative position biases, short convolutions whose
+    past inputs the cache keeps, messages between passes), sliding and full attention layers,
+    a window of four shorter than the text: at several pass counts, alone and batched.
+
+    Tokens and the prefill only: its recurrent messages amplify rounding differences pass
+    after pass beyond a rounding bound on the logits."""
+    model = Inkling2LoopLM(tiny_inkling())
+    assert model.supports_kv_cache
+    _assert_cache_matches(model, (1, 3, 5), logits=False)
+
+
+def test_a_nested_loop_model_is_refused_with_or_without_the_cache(tmp_path: Path) -> None:
+    """HRM-Text runs two nested loops, which the single-loop generation cannot drive: both
+    ways are refused up front, pointing to its own analysis, rather than failing inside."""
+    save_reference(tmp_path, seed=0)
+    model = load_hrm_text(tmp_path)
+    for kv_cache in (True, False):
+        with pytest.raises(GenerationUnsupportedError, match="nested loops.*loopscope analyze"):
+            generate_greedy(model, [1, 2, 3], max_new_tokens=2, kv_cache=kv_cache)
+        with pytest.raises(GenerationUnsupportedError, match="nested loops"):
+            generate_greedy_batch(model, [[1, 2], [3]], max_new_tokens=2, kv_cache=kv_cache)

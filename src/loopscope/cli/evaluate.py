@@ -67,7 +67,8 @@ def _add_evaluate_options(p: argparse.ArgumentParser) -> None:
         "--no-kv-cache",
         action="store_true",
         help="a full forward per new token instead of the per-recurrence key/value cache "
-        "(slower; works for every family)",
+        "(slower; also for a random initial state drawn for the whole text, or an attention "
+        "path other than SDPA or eager, which the cache refuses)",
     )
     p.add_argument("--out", default="loopscope-evaluate", help="output directory")
 

@@ -90,6 +90,12 @@ class LoopedLM(nn.Module, ABC):
     def embed(self, input_ids: Tensor) -> Tensor:
         """Token ids (batch, T) → residual stream (batch, T, d_model)."""
 
+    def embed_at(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """:meth:`embed` of tokens sitting at ``positions`` (batch or 1, T), as a key/value
+        cache decodes them (the new tokens only). Only learned absolute position embeddings
+        depend on the positions (GPT-2's), so by default it is :meth:`embed` itself."""
+        return self.embed(input_ids)
+
     @abstractmethod
     def positions(self, length: int, device: torch.device) -> Any:
         """Whatever the layers need to know about positions (e.g. rotary tables)."""

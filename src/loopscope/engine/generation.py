@@ -5,8 +5,12 @@ so far (quadratic in the length, but it works for every family: it is just the e
 forward). With a cache (:class:`loopscope.nn.kv_cache.KVCache`, one slot per prelude layer,
 per block layer *and recurrence*, and per coda layer) the prompt runs once and each new token
 then runs through the depth alone, attending to the cached keys and values of the earlier
-tokens at the same layer application. Both give the same tokens; the cache only for families
-whose layers take a cache slot (``supports_kv_cache``).
+tokens at the same layer application. Both give the same tokens. Every family that generates
+takes a cache slot in its layers (``supports_kv_cache``): LoopLM, Ouro, raven, Parcae, the
+Hugging Face retrofits and feedforward decoders and Inkling-2's loop, the last two on the SDPA
+and eager attention paths (another path refuses the cache, naming ``--no-kv-cache``). A random
+initial state drawn for the whole sequence at once (Huginn's, Parcae's) is refused too, since a
+cached token would keep a draw that the full forward redraws as the text grows.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from loopscope.nn.kv_cache import KVCache, RowLayout
 
 __all__ = [
     "Generation",
+    "GenerationUnsupportedError",
     "KVCacheUnsupportedError",
     "generate_greedy",
     "generate_greedy_batch",
@@ -32,7 +37,12 @@ __all__ = [
 
 
 class KVCacheUnsupportedError(LoopscopeError):
-    """A family whose attention has no key/value cache."""
+    """A generation the key/value cache cannot serve: an attention path without one, or a
+    random initial state that is redrawn as the text grows."""
+
+
+class GenerationUnsupportedError(LoopscopeError):
+    """A model this single-loop generation cannot drive at all (nested loops)."""
 
 
 @dataclass(frozen=True)
@@ -50,14 +60,52 @@ def supports_kv_cache(model: LoopedLM) -> bool:
     return bool(getattr(model, "supports_kv_cache", False))
 
 
-def check_kv_cache(model: LoopedLM) -> None:
-    """Refuse a cached generation on a family without a cache, naming the way out."""
+#: The lengths over which :func:`check_kv_cache` tries a random initial state up front (each
+#: generation then checks its own lengths exactly).
+PREFIX_CHECK_LENGTH = 8
+
+
+def check_kv_cache(model: LoopedLM, init_state: InitState | None = None, seed: int = 0) -> None:
+    """Refuse a cached generation on a family without a cache, or from a random initial state
+    that is redrawn as the text grows, naming the way out."""
+    _check_supported(model)
+    if (init_state or model.meta.default_init_state) != "random":
+        return
+    device = next(model.parameters()).device
+    last = min(PREFIX_CHECK_LENGTH, model.meta.context_length)
+    if not random_state_is_prefix_stable(model, 1, last, seed, device):
+        raise _redrawn_state_refusal(model)
+
+
+def check_generates(model: LoopedLM) -> None:
+    """Refuse a model with nested loops (HRM-Text): generation drives the single-loop engine,
+    which cannot run it, with or without a cache."""
+    if getattr(model, "loop_tree", None) is not None:
+        raise GenerationUnsupportedError(
+            f"{model.meta.name or model.meta.family} ({model.meta.family}) runs nested loops, "
+            "which greedy generation (and so `loopscope evaluate`, with or without "
+            "--no-kv-cache) cannot drive; analyse it with `loopscope analyze` (its two-scale "
+            "study) instead"
+        )
+
+
+def _check_supported(model: LoopedLM) -> None:
+    check_generates(model)
     if not supports_kv_cache(model):
         raise KVCacheUnsupportedError(
             f"the {model.meta.family} family ({model.meta.name or model.meta.family}) has no "
-            "key/value cache yet; generate without one (kv_cache=False, or --no-kv-cache on "
-            "the command line), which runs a full forward per new token"
+            "key/value cache on this path; generate without one (kv_cache=False, or "
+            "--no-kv-cache on the command line), which runs a full forward per new token"
         )
+
+
+def _redrawn_state_refusal(model: LoopedLM) -> KVCacheUnsupportedError:
+    return KVCacheUnsupportedError(
+        f"the {model.meta.family} family draws its random initial state for the whole "
+        "sequence at once, so each token's draw changes as the text grows and a key/value "
+        "cache cannot give the tokens of a full forward; generate without the cache "
+        "(kv_cache=False, or --no-kv-cache), or from another initial state"
+    )
 
 
 def random_state_is_prefix_stable(
@@ -100,8 +148,9 @@ def generate_greedy(
     the two can be compared."""
     if not prompt:
         raise LoopscopeError("the prompt is empty: give at least one token (e.g. BOS)")
-    if kv_cache:
-        check_kv_cache(model)
+    check_generates(model)
+    if kv_cache:  # the random state is checked below, over this generation's own lengths
+        _check_supported(model)
     device = next(model.parameters()).device
     context = model.meta.context_length
     longest = min(context, len(prompt) + max_new_tokens)
@@ -111,12 +160,7 @@ def generate_greedy(
         and mode == "random"
         and not random_state_is_prefix_stable(model, len(prompt), longest, seed, device)
     ):
-        raise KVCacheUnsupportedError(
-            f"the {model.meta.family} family draws its random initial state for the whole "
-            "sequence at once, so each token's draw changes as the text grows and a key/value "
-            "cache cannot give the tokens of a full forward; generate without the cache "
-            "(kv_cache=False, or --no-kv-cache), or from another initial state"
-        )
+        raise _redrawn_state_refusal(model)
     ids = list(prompt)
     cache = KVCache() if kv_cache else None
     pending = torch.tensor([ids], dtype=torch.long, device=device)
@@ -188,7 +232,7 @@ def generate_greedy_batch(
             )
             for p in prompts
         ]
-    check_kv_cache(model)
+    _check_supported(model)
     if min(len(p) for p in prompts) == 0:
         raise LoopscopeError("a prompt is empty: give at least one token (e.g. BOS)")
     device = next(model.parameters()).device

@@ -154,7 +154,12 @@ def run_loop(
     positions = model.positions(cached + input_ids.shape[1], input_ids.device)
     prelude_sites, block_sites, coda_sites = stage_sites(model, n_rec)
 
-    hidden = model.embed(input_ids)
+    if kv_cache is None:
+        hidden = model.embed(input_ids)
+    else:  # the new tokens only, at the positions that follow the cached ones
+        hidden = model.embed_at(
+            input_ids, kv_cache.token_positions(input_ids.shape[1], input_ids.device)
+        )
     inputs = _run_layers(
         model.prelude, hidden, positions, prelude_sites, probes, want_attn, edit_plan, kv_cache
     )

@@ -6,7 +6,9 @@ through the one gate :mod:`.hub`).
 
 Attention probabilities come from the eager attention path, switched on per call (the fast
 path, normally SDPA, is used otherwise). Edits rewrite a branch output just before it joins the
-residual stream, through temporary forward hooks.
+residual stream, through temporary forward hooks. A key/value cache slot reaches transformers'
+attention as the ``cache`` it calls ``update`` on (:class:`SlotCache`), with the new tokens'
+positions, rotary tables and masks (:func:`cached_layer_kwargs`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from loopscope.families.hub import (
     looks_like_hub_id,
 )
 from loopscope.families.tokenizers import TOKENIZER_FILES
+from loopscope.nn.kv_cache import KVSlot, key_visibility, query_positions
 from loopscope.nn.layers import Component, Edit
 
 #: The attention implementation that can return probabilities.
@@ -116,6 +119,82 @@ def causal_masks(
                     position_ids=position_ids,
                 )
     return masks
+
+
+class LazyMasks(dict[tuple[str, str], Any]):
+    """The causal masks of :func:`causal_masks`, each built on first use.
+
+    Why: a cached decoding step never reads them, and building (T, T) masks for the whole text
+    at every new token would make cached decoding quadratic again."""
+
+    def __init__(self, config: Any, dummy: Tensor, position_ids: Tensor) -> None:
+        super().__init__()
+        self.config, self.dummy, self.position_ids = config, dummy, position_ids
+
+    def __missing__(self, key: tuple[str, str]) -> Any:
+        impl, kind = key
+        mask = causal_masks(self.config, (kind,), (impl,), self.dummy, self.position_ids)[key]
+        self[key] = mask
+        return mask
+
+
+# ------------------------------------------------------------------------ key/value cache
+class SlotCache:
+    """One layer application's :class:`~loopscope.nn.kv_cache.KVSlot` in the shape
+    transformers' attention expects of its ``cache``: ``update`` appends the new keys and
+    values and returns every position's. Each (stage, layer, recurrence) gets its own, so the
+    layer index transformers passes along is not needed."""
+
+    def __init__(self, slot: KVSlot) -> None:
+        self.slot = slot
+
+    def update(self, keys: Tensor, values: Tensor, *_: Any, **__: Any) -> tuple[Tensor, Tensor]:
+        return self.slot.extend(keys, values)
+
+
+#: Attention implementations whose masks :func:`cached_layer_kwargs` can build.
+CACHEABLE_ATTENTION = ("sdpa", EAGER)
+
+
+def cached_layer_kwargs(
+    positions: HFPositions,
+    slot: KVSlot,
+    x: Tensor,
+    *,
+    implementation: str,
+    kind: str,
+    window: int | None,
+    cache: SlotCache | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of a transformers decoder layer for the new tokens ``x`` (batch,
+    t, d) decoded with ``slot``: its cache, the new tokens' position ids and rotary tables,
+    and the mask over cached plus new keys (boolean for SDPA, additive for eager). ``cache``:
+    a family's own view of the slot (default: :class:`SlotCache`).
+
+    The first call of an empty, aligned slot is the prompt itself: it takes the masks of the
+    uncached forward, so the prefill runs the very same kernels."""
+    t, device = x.shape[1], x.device
+    ids = query_positions(slot, t, device)
+    view = SlotCache(slot) if cache is None else cache
+    kwargs: dict[str, Any] = {"cache": view, "position_ids": ids}
+    if positions.rotary is not None:
+        cos, sin = positions.rotary
+        kwargs["position_embeddings"] = (cos[0][ids], sin[0][ids])
+    if slot.length == 0 and slot.rows is None:
+        kwargs["attention_mask"] = positions.masks[(implementation, kind)]
+        return kwargs
+    window = window if kind == "sliding_attention" else None
+    if t == 1 and slot.rows is None and window is None:  # one new token sees every key
+        kwargs["attention_mask"] = None
+        return kwargs
+    visible = key_visibility(slot, t, device, window)
+    if implementation == EAGER:
+        blocked = torch.finfo(x.dtype).min
+        kwargs["attention_mask"] = torch.zeros(visible.shape, dtype=x.dtype, device=device)
+        kwargs["attention_mask"].masked_fill_(~visible, blocked)
+    else:
+        kwargs["attention_mask"] = visible
+    return kwargs
 
 
 def _replace_first(output: Any, new: Tensor) -> Any:

@@ -9,7 +9,9 @@ cache only, safetensors only, never with ``trust_remote_code``.
 
 Every wrapped layer follows the engine's protocol ``layer(x, positions, *, return_attn, edit)``;
 edits rewrite the attention and MLP branch outputs just before they join the residual stream
-(after OLMo-2's branch norms).
+(after OLMo-2's branch norms). With a key/value cache slot (``kv=``) a layer decodes the new
+tokens only, transformers' attention appending to that slot (one per stage, layer and
+recurrence) as it would to its own cache.
 """
 
 from __future__ import annotations
@@ -24,16 +26,19 @@ from torch import Tensor, nn
 
 from loopscope.engine.contract import INIT_STATES, FamilyMeta, InitState, LoopedLM, LoopLayer
 from loopscope.families.hf_common import (
+    CACHEABLE_ATTENTION,
     EAGER,
     HFPositions,
+    LazyMasks,
     attn_implementation,
-    causal_masks,
+    cached_layer_kwargs,
     get_path,
     layer_hooks,
     read_transformers_model,
     ready,
 )
 from loopscope.nn.injection import AddInjection, ConcatLinearInjection, NoInjection
+from loopscope.nn.kv_cache import KVSlot
 from loopscope.nn.layers import Component, Edit
 
 HFInjection = Literal["none", "add", "concat-linear"]
@@ -184,14 +189,28 @@ class HFLayer:
         *,
         return_attn: bool = False,
         edit: Edit | None = None,
+        kv: KVSlot | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """``kv``: this layer application's key/value cache slot when decoding incrementally
+        (the new tokens of ``x`` follow the cached ones)."""
         owner = self.owner
         impl = EAGER if return_attn else owner.fast_attn
         captured: list[Tensor] | None = [] if return_attn else None
-        kwargs: dict[str, Any] = {"attention_mask": positions.masks[(impl, self.kind)]}
-        if owner.arch.rotary:
-            kwargs["position_ids"] = positions.position_ids
-            kwargs["position_embeddings"] = positions.rotary
+        kwargs: dict[str, Any]
+        if kv is not None:
+            if return_attn:
+                raise ValueError("attention probabilities are not kept with a key/value cache")
+            window = getattr(owner.hf.config, "sliding_window", None)
+            kwargs = cached_layer_kwargs(
+                positions, kv, x, implementation=impl, kind=self.kind, window=window
+            )
+            if not owner.arch.rotary:  # GPT-2's positions were added by embed_at
+                kwargs.pop("position_ids")
+        else:
+            kwargs = {"attention_mask": positions.masks[(impl, self.kind)]}
+            if owner.arch.rotary:
+                kwargs["position_ids"] = positions.position_ids
+                kwargs["position_embeddings"] = positions.rotary
         with (
             attn_implementation(owner.hf.config, impl),
             layer_hooks(
@@ -239,6 +258,12 @@ class RetrofitLM(LoopedLM):
     single recurrence reproduces the original model (exactly for "none" / "add" and for
     "concat-linear" with ``adapter_scale=1``). ``attn_implementation`` is the fast path used when
     no attention probabilities are asked for (default "sdpa")."""
+
+    @property
+    def supports_kv_cache(self) -> bool:
+        """Its layers take a key/value cache slot (``kv=``) on the attention paths whose masks
+        loopscope builds for the new tokens (SDPA and eager)."""
+        return self.fast_attn in CACHEABLE_ATTENTION
 
     def __init__(
         self,
@@ -325,6 +350,11 @@ class RetrofitLM(LoopedLM):
         return self._layers[self.loop[1] :]
 
     def embed(self, input_ids: Tensor) -> Tensor:
+        ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        return self.embed_at(input_ids, ids)
+
+    def embed_at(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """Token embeddings, plus GPT-2's learned position embeddings at ``positions``."""
         vocab = self.meta.vocab_size
         if int(input_ids.max()) >= vocab or int(input_ids.min()) < 0:
             raise ValueError(
@@ -334,8 +364,8 @@ class RetrofitLM(LoopedLM):
         decoder = self.decoder
         hidden = get_path(decoder, self.arch.embed)(input_ids)
         if self.arch.learned_positions is not None:
-            ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-            hidden = hidden + get_path(decoder, self.arch.learned_positions)(ids).to(hidden.dtype)
+            learned = get_path(decoder, self.arch.learned_positions)(positions)
+            hidden = hidden + learned.to(hidden.dtype)
         if self.arch.embed_dropout is not None:
             hidden = get_path(decoder, self.arch.embed_dropout)(hidden)
         return cast(Tensor, hidden)
@@ -349,9 +379,7 @@ class RetrofitLM(LoopedLM):
         if self.arch.rotary:
             cos, sin = get_path(self.decoder, "rotary_emb")(dummy, ids)
             rotary = (cos, sin)
-        kinds = sorted({layer.kind for layer in self._layers})
-        masks = causal_masks(config, kinds, (self.fast_attn, EAGER), dummy, ids)
-        return HFPositions(position_ids=ids, rotary=rotary, masks=masks)
+        return HFPositions(position_ids=ids, rotary=rotary, masks=LazyMasks(config, dummy, ids))
 
     def inject(self, state: Tensor, inputs: Tensor) -> Tensor:
         return cast(Tensor, self.injection(state, inputs))

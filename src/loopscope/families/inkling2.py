@@ -3,7 +3,9 @@ interface: its prelude, looped core and coda layers and its message gates are ca
 are. Unlike a retrofit, each pass restarts from the prelude output and reads the previous pass
 through learned message gates; the layers take no edits. :func:`load_inkling2` reads a local
 directory or the local Hugging Face cache only, safetensors only, never with
-``trust_remote_code``.
+``trust_remote_code``. With a key/value cache slot (``kv=``) a layer decodes the new tokens
+only: transformers' attention appends to that slot, and the short convolutions read their past
+inputs from it (:class:`InklingSlotCache`).
 """
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ from torch import Tensor, nn
 
 from loopscope.engine.contract import FamilyMeta, LoopedLM, LoopLayer
 from loopscope.families.hf_common import (
+    CACHEABLE_ATTENTION,
     EAGER,
     HFPositions,
+    LazyMasks,
+    SlotCache,
     attn_implementation,
-    causal_masks,
+    cached_layer_kwargs,
     layer_hooks,
     read_transformers_model,
     ready,
 )
+from loopscope.nn.kv_cache import KVSlot, key_positions, query_positions
 from loopscope.nn.layers import Edit
 
 INKLING_TYPES = ("inkling2_loop", "inkling2_loop_text")
@@ -35,6 +41,44 @@ __all__ = ["INKLING_TYPES", "Inkling2LoopLM", "InklingLayer", "is_inkling2_confi
 def is_inkling2_config(config: Mapping[str, Any]) -> bool:
     """True for the config.json of a transformers Inkling-2 loop model."""
     return config.get("model_type") in INKLING_TYPES
+
+
+class InklingSlotCache(SlotCache):
+    """A slot as transformers' Inkling-2 layers use their cache: keys and values, and the past
+    inputs of each short convolution (``state_idx``), kept whole in ``slot.extra`` so that a
+    padded row can take its own last real ones."""
+
+    def get_conv_state(self, *_: Any, **__: Any) -> None:
+        """None: every convolution then reads its past through :meth:`update_conv_state`."""
+        return None
+
+    def update_conv_state(
+        self, context: Tensor, *_: Any, state_idx: int = 0, conv_kernel_size: int = 1, **__: Any
+    ) -> Tensor:
+        """The new inputs ``context`` (batch, channels, t) behind the last kernel − 1 past
+        ones of each row (zeros before the start, as the uncached convolution pads)."""
+        key = ("conv", state_idx)
+        past = self.slot.extra.get(key)
+        self.slot.extra[key] = context if past is None else torch.cat([past, context], -1)
+        if past is None:
+            return context
+        width = conv_kernel_size - 1
+        rows = self.slot.rows
+        if rows is None:
+            return torch.cat(
+                [past[..., past.shape[-1] - min(width, past.shape[-1]) :], context], -1
+            )
+        recent = []
+        for row in range(past.shape[0]):
+            real = past[row][:, rows.visible[row].to(past.device).bool()][:, -width:]
+            recent.append(torch.nn.functional.pad(real, (width - real.shape[-1], 0)))
+        return torch.cat([torch.stack(recent), context], -1)
+
+
+def _relative_distance(slot: KVSlot, t: int, device: torch.device) -> Tensor:
+    """Query minus key position (batch or 1, 1, t, cached + t) of the new tokens."""
+    queries = query_positions(slot, t, device)[:, None, :, None]
+    return queries - key_positions(slot, t, device)[:, None, None, :]
 
 
 class InklingLayer:
@@ -59,7 +103,10 @@ class InklingLayer:
         *,
         return_attn: bool = False,
         edit: Edit | None = None,
+        kv: KVSlot | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """``kv``: this layer application's key/value cache slot when decoding incrementally
+        (the new tokens of ``x`` follow the cached ones)."""
         if edit is not None:
             raise NotImplementedError(
                 "edits are not supported on Inkling-2 layers (their branches are mixed through "
@@ -80,6 +127,25 @@ class InklingLayer:
             "cache": None,
             "position_ids": positions.position_ids,
         }
+        if kv is not None:
+            if return_attn:
+                raise ValueError("attention probabilities are not kept with a key/value cache")
+            prefill = kv.length == 0 and kv.rows is None
+            if not prefill:  # the prompt's own distances and padding mask serve the prefill
+                kwargs["relative_distance"] = _relative_distance(kv, x.shape[1], x.device)
+                kwargs["conv_mask"] = None
+            window = cfg.sliding_window_size
+            kwargs.update(
+                cached_layer_kwargs(
+                    positions,
+                    kv,
+                    x,
+                    implementation=impl,
+                    kind=kind,
+                    window=window,
+                    cache=InklingSlotCache(kv),
+                )
+            )
         if start <= self.index < end and ctx["previous"] is not None:
             previous_blocks, previous_hidden = ctx["previous"]
             args.append(
@@ -110,6 +176,12 @@ class Inkling2LoopLM(LoopedLM):
     #: Its coda and head read the per-prompt context of the whole run (every block state of
     #: the last pass), so a read-out between recurrences is not defined: no logit lens.
     readout_between_recurrences = False
+
+    @property
+    def supports_kv_cache(self) -> bool:
+        """Its layers take a key/value cache slot (``kv=``) on the attention paths whose masks
+        loopscope builds for the new tokens (eager, its default, and SDPA)."""
+        return self.fast_attn in CACHEABLE_ATTENTION
 
     def __init__(
         self,
@@ -179,8 +251,7 @@ class Inkling2LoopLM(LoopedLM):
         param = next(self.hf.parameters())
         dummy = torch.zeros(1, length, self.meta.d_model, dtype=param.dtype, device=device)
         ids = torch.arange(length, device=device)[None]
-        kinds = ("full_attention", "sliding_attention")
-        masks = causal_masks(cfg, kinds, (self.fast_attn, EAGER), dummy, ids)
+        masks = LazyMasks(cfg, dummy, ids)
         conv_mask = create_recurrent_attention_mask(
             config=cfg, inputs_embeds=dummy, attention_mask=None, cache=None, position_ids=ids
         )

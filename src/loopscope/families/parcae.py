@@ -53,6 +53,7 @@ from loopscope.families.parcae_config import (
     parcae_config_from_dict,
 )
 from loopscope.nn.injection import AddInjection, ConcatLinearInjection, DiscretisedDiagonalInjection
+from loopscope.nn.kv_cache import KVSlot, cached_attention, rotate_new
 from loopscope.nn.layers import Edit, causal_attention
 from loopscope.nn.norms import RMSNormCastBeforeGain
 from loopscope.nn.rotary import ROPE_TABLE, RopeSpec, RotaryTable
@@ -103,8 +104,15 @@ class ParcaeAttention(nn.Module):
         self.ve_gate = nn.Linear(VE_GATE_CHANNELS, w.kv_heads, bias=False) if value_gate else None
 
     def forward(
-        self, x: Tensor, rope: RotaryTable | None, ve: Tensor | None, return_attn: bool = False
+        self,
+        x: Tensor,
+        rope: RotaryTable | None,
+        ve: Tensor | None,
+        return_attn: bool = False,
+        kv: KVSlot | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """``kv``: this layer application's key/value cache slot when decoding incrementally
+        (the new tokens of ``x`` follow the cached ones)."""
         b, t, d = x.shape
         q = self.c_q(x).view(b, t, self.n_heads, self.head_dim)
         k = self.c_k(x).view(b, t, self.n_kv, self.head_dim)
@@ -117,11 +125,18 @@ class ParcaeAttention(nn.Module):
         if self.qk_bias is not None:
             q, k = (q + self.qk_bias[0]).to(q.dtype), (k + self.qk_bias[1]).to(q.dtype)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
-        if rope is not None:
+        if rope is not None and kv is None:
             q, k = rope.apply(q), rope.apply(k)
+        elif rope is not None and kv is not None:
+            q, k = rotate_new(rope, q, kv), rotate_new(rope, k, kv)
         if self.qk_norm:
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
-        out, probs = causal_attention(q, k, v, return_attn)
+        if kv is not None:
+            if return_attn:
+                raise ValueError("attention probabilities are not kept with a key/value cache")
+            out, probs = cached_attention(q, k, v, kv), None
+        else:
+            out, probs = causal_attention(q, k, v, return_attn)
         return self.c_proj(out.transpose(1, 2).reshape(b, t, d)), probs
 
 
@@ -161,8 +176,10 @@ class ParcaeLayer(nn.Module):
         *,
         return_attn: bool = False,
         edit: Edit | None = None,
+        kv: KVSlot | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        a, probs = self.attn(self.norm_1(x), rope, ve, return_attn)
+        """``kv``: this layer application's key/value cache slot when decoding incrementally."""
+        a, probs = self.attn(self.norm_1(x), rope, ve, return_attn, kv)
         a = edit("attn", a) if edit is not None else a
         x = a + x
         m = self.mlp(self.norm_2(x))
@@ -197,12 +214,18 @@ class _LayerCall:
         self.before, self.after = before, after
 
     def __call__(
-        self, x: Tensor, positions: Any, *, return_attn: bool = False, edit: Edit | None = None
+        self,
+        x: Tensor,
+        positions: Any,
+        *,
+        return_attn: bool = False,
+        edit: Edit | None = None,
+        kv: KVSlot | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         if self.before is not None:
             x = self.before(x)
         ve = self.owner.value_embedding(self.ve_key, x)
-        out, probs = self.layer(x, positions, ve, return_attn=return_attn, edit=edit)
+        out, probs = self.layer(x, positions, ve, return_attn=return_attn, edit=edit, kv=kv)
         if self.after is not None:
             out = self.after(out)
         return out, probs
@@ -218,6 +241,10 @@ class _LayerCall:
 class ParcaeLM(LoopedLM):
     """A Parcae checkpoint behind the family interface; module and parameter names equal the
     checkpoint's tensor names."""
+
+    #: Its layers take a key/value cache slot (``kv=``) for incremental decoding; the value
+    #: embeddings look up the new tokens only, which is all a cached step passes to ``embed``.
+    supports_kv_cache = True
 
     def __init__(self, config: ParcaeConfig) -> None:
         super().__init__()

@@ -17,7 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["KVCache", "KVSlot", "RowLayout", "cached_attention"]
+from loopscope.nn.rotary import RotaryTable
+
+__all__ = [
+    "KVCache",
+    "KVSlot",
+    "RowLayout",
+    "cached_attention",
+    "key_positions",
+    "key_visibility",
+    "query_positions",
+    "rotate_new",
+]
 
 
 @dataclass
@@ -44,6 +55,9 @@ class KVSlot:
     values: Tensor | None = None
     #: Set while decoding a padded batch (see :class:`RowLayout`); None: every row is aligned.
     rows: RowLayout | None = None
+    #: Other per-token history a layer application keeps, by name (Inkling-2's short
+    #: convolutions keep their past inputs here).
+    extra: dict[Hashable, Tensor] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -81,6 +95,68 @@ class KVCache:
         slot = self.slots[key]
         slot.rows = self.rows
         return slot
+
+    def token_positions(self, t: int, device: torch.device) -> Tensor:
+        """Positions (batch or 1, t) of the next ``t`` tokens: what learned absolute position
+        embeddings are looked up at."""
+        return _positions_after(self.tokens, self.rows, t, device)
+
+
+def _positions_after(cached: int, rows: RowLayout | None, t: int, device: torch.device) -> Tensor:
+    if rows is None:
+        return torch.arange(cached, cached + t, device=device)[None]
+    if t != 1:
+        raise ValueError("a padded batch is decoded one token per row at a time")
+    return rows.positions.to(device)[:, None]
+
+
+def query_positions(slot: KVSlot, t: int, device: torch.device) -> Tensor:
+    """Positions (batch or 1, t) of the ``t`` new tokens a layer application is about to add
+    to ``slot``: right after the cached ones, or each row's own position in a padded batch."""
+    return _positions_after(slot.length, slot.rows, t, device)
+
+
+def _real_keys(slot: KVSlot, t: int, device: torch.device) -> Tensor | None:
+    """Which of the cached plus ``t`` new keys (batch, cached + t) are a padded row's real
+    tokens; None when every row is aligned."""
+    if slot.rows is None:
+        return None
+    new = torch.ones_like(slot.rows.visible[:, :1]).expand(-1, t)
+    return torch.cat([slot.rows.visible, new], 1).to(device).bool()
+
+
+def key_positions(slot: KVSlot, t: int, device: torch.device) -> Tensor:
+    """Positions (batch or 1, cached + t) of the cached keys and of ``t`` new ones.
+
+    A padded row's real keys are its tokens in order, so a key's position is the count of
+    real keys up to it, minus one (its padding gets the position of the token before)."""
+    real = _real_keys(slot, t, device)
+    if real is None:
+        return torch.arange(slot.length + t, device=device)[None]
+    return real.long().cumsum(-1) - 1
+
+
+def key_visibility(slot: KVSlot, t: int, device: torch.device, window: int | None = None) -> Tensor:
+    """Which keys (batch or 1, 1, t, cached + t) each of ``t`` new queries may attend to,
+    computed before the new keys join ``slot``: the causal ones, never a row's padding, and
+    with a sliding ``window`` only keys fewer than ``window`` positions back."""
+    queries = query_positions(slot, t, device)[:, None, :, None]
+    keys = key_positions(slot, t, device)[:, None, None, :]
+    visible = keys <= queries
+    real = _real_keys(slot, t, device)
+    if real is not None:
+        visible = visible & real[:, None, None, :]
+    if window is not None:
+        visible = visible & (queries - keys < window)
+    return visible
+
+
+def rotate_new(rotary: RotaryTable, x: Tensor, slot: KVSlot) -> Tensor:
+    """Rotate the new tokens' queries or keys (batch, heads, t, head_dim) at their positions:
+    right after the cached ones, or each row's own in a padded batch (:class:`RowLayout`)."""
+    if slot.rows is not None:
+        return rotary.apply_at(x, slot.rows.positions)
+    return rotary.apply(x, slot.length)
 
 
 def cached_attention(q: Tensor, k: Tensor, v: Tensor, slot: KVSlot) -> Tensor:

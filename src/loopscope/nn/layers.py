@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loopscope.nn.kv_cache import KVSlot, cached_attention
+from loopscope.nn.kv_cache import KVSlot, cached_attention, rotate_new
 from loopscope.nn.norms import NormType, make_norm
 from loopscope.nn.rotary import RotaryTable
 
@@ -82,10 +82,7 @@ def rotary_attention(
         return causal_attention(q, k, v, return_attn)
     if return_attn:
         raise ValueError("attention probabilities are not kept with a key/value cache")
-    if kv.rows is not None:
-        q, k = rotary.apply_at(q, kv.rows.positions), rotary.apply_at(k, kv.rows.positions)
-    else:
-        q, k = rotary.apply(q, kv.length), rotary.apply(k, kv.length)
+    q, k = rotate_new(rotary, q, kv), rotate_new(rotary, k, kv)
     return cached_attention(q, k, v, kv), None
 
 

@@ -184,8 +184,8 @@ def evaluate_accuracy(
     one at a time); see the module docstring for the prompt layout and how answers are read."""
     from tqdm.auto import tqdm
 
-    if kv_cache:
-        check_kv_cache(model)
+    if kv_cache:  # refused before any problem is decoded, naming --no-kv-cache
+        check_kv_cache(model, seed=seed)
     prompts = [codec.encode(format_prompt(p.question)) for p in problems]
     answers: list[ProblemAnswer] = []
     start = time.perf_counter()
