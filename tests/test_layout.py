@@ -186,3 +186,19 @@ def test_import_loopscope_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_the_root_facade_resolves_pipeline_functions_without_importing_them() -> None:
+    """``loopscope.open_trace`` is ``loopscope.pipeline.open_trace``, reached by name on first
+    use (not an upward import), and ``import loopscope`` does not load the pipeline."""
+    import loopscope
+    from loopscope import pipeline
+
+    assert set(loopscope.FACADE.values()) == {"loopscope.pipeline"}
+    for name in loopscope.FACADE:
+        assert getattr(loopscope, name) is getattr(pipeline, name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = loopscope.nope  # type: ignore[attr-defined]
+    code = "import sys, loopscope; print('loopscope.pipeline' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -16,7 +16,22 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "__version__"]
+__all__ = ["load", "open_analysis", "open_trace", "__version__"]
+
+#: Notebook entry points offered at the top level for convenience. They live in
+#: ``loopscope.pipeline`` (above the analysis and trace layers, which themselves call
+#: ``loopscope.load``), so the root resolves them on first use by name instead of importing
+#: upward; ``tests/test_layout.py`` checks that this table names only pipeline functions.
+FACADE: dict[str, str] = {"open_trace": "loopscope.pipeline", "open_analysis": "loopscope.pipeline"}
+
+
+def __getattr__(name: str) -> Any:
+    """``loopscope.open_trace`` and ``loopscope.open_analysis``, resolved on first use."""
+    if name in FACADE:
+        import importlib
+
+        return getattr(importlib.import_module(FACADE[name]), name)
+    raise AttributeError(f"module 'loopscope' has no attribute {name!r}")
 
 
 def load(source: str | Path, *, dtype: Any = None, device: str = "cpu", **kwargs: Any) -> Any:

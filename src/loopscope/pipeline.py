@@ -234,10 +234,16 @@ def open_trace(path: str | Path, *, storage_options: dict[str, Any] | None = Non
     return open_labelled(path, storage_options=storage_options)
 
 
-def open_analysis(trace_dir: str | Path, thresholds: Thresholds | None = None) -> Any:
-    """Every measurement of a trace directory, kept in memory: ``verdict_frame`` and
-    ``limiting_rates`` as ``pandas.DataFrame``s, ``metrics``, and the report inline in a
-    notebook (``_repr_html_``); see :mod:`loopscope.report.frames`."""
+def open_analysis(
+    trace_dir: str | Path,
+    thresholds: Thresholds | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> Any:
+    """Every measurement of a trace directory or Zarr store (a path or an fsspec URL;
+    ``storage_options`` go to fsspec), kept in memory: ``verdict_frame`` and ``limiting_rates``
+    as ``pandas.DataFrame``s, ``metrics``, and the report inline in a notebook
+    (``_repr_html_``); see :mod:`loopscope.report.frames`."""
     from loopscope.report.frames import open_analysis as analyse
 
-    return analyse(trace_dir, thresholds)
+    return analyse(trace_dir, thresholds, storage_options=storage_options)
