@@ -12,6 +12,7 @@ from helpers import DEMO_PROMPTS, FIXTURES
 from loopscope.cli.main import main
 from loopscope.data import load_gsm8k_jsonl
 from loopscope.engine.generation import KVCacheUnsupportedError
+from loopscope.families.checkpoint import bundled_model_dir
 from loopscope.families.parcae import load_parcae
 from loopscope.studies.evaluate import (
     OUTPUT_FILES,
@@ -53,7 +54,8 @@ def test_evaluate_writes_accuracy_per_recurrence_count(tmp_path: Path) -> None:
     for name in OUTPUT_FILES:
         assert (tmp_path / "cached" / name).stat().st_size > 0
     metrics = json.loads((tmp_path / "cached" / "metrics.json").read_text())
-    assert metrics["model"] == "demo-looped" and metrics["problems"] == 4
+    bundled = json.loads((bundled_model_dir("demo-looped") / "card.json").read_text())["name"]
+    assert metrics["model"] == bundled and metrics["problems"] == 4
     assert metrics["kv_cache"] is True and metrics["max_new_tokens"] == 12
     assert 0 < metrics["seconds"] < time.perf_counter() - started
     answers = _answers(tmp_path / "cached")

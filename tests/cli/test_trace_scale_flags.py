@@ -10,14 +10,18 @@ import numpy as np
 import pytest
 
 from loopscope.cli.main import main
+from loopscope.families.checkpoint import bundled_model_dir
 
-LONG_QUESTION = "A farmer counts " + "cows and sheep in the field, " * 16 + "how many legs total?"
+LONG_QUESTION = "A farmer counts " + "cows and sheep in the field, " * 40 + "how many legs total?"
+DEMO_CONTEXT = json.loads((bundled_model_dir("demo-looped") / "config.json").read_text())[
+    "context_length"
+]
 
 
 @pytest.fixture
 def prompts(tmp_path: Path) -> Path:
-    """Two short GSM8K questions around a 500-byte one (the demo model's context is 384)."""
-    assert len(LONG_QUESTION.encode()) == 500
+    """Two short GSM8K questions around one longer than the demo model's context."""
+    assert len(LONG_QUESTION.encode()) == 1196 > DEMO_CONTEXT
     path = tmp_path / "prompts.jsonl"
     rows = ["What is 2 plus 3?", LONG_QUESTION, "Tom has 5 apples and eats 2. How many left?"]
     path.write_text("".join(json.dumps({"question": q, "answer": "#### 1"}) + "\n" for q in rows))
@@ -50,7 +54,7 @@ def test_truncate_and_error_modes(
     assert "truncated prompt 1: cut its first" in capsys.readouterr().out
     assert _trace(prompts, tmp_path / "e", "--long-prompts", "error") == 2
     err = capsys.readouterr().err
-    assert "prompt 1 has" in err and "context is 384" in err and "--long-prompts" in err
+    assert "prompt 1 has" in err and f"context is {DEMO_CONTEXT}" in err and "--long-prompts" in err
 
 
 def test_capture_auto_falls_back_to_summary_under_a_tiny_max_disk(

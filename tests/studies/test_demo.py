@@ -16,8 +16,12 @@ def test_bundled_models_load_and_carry_their_model_cards() -> None:
     for name in ("demo-looped", "demo-feedforward"):
         card = json.loads((bundled_model_dir(name) / "card.json").read_text())
         assert card["command"].startswith("loopscope train --config " + name)
-        assert 0.0 <= card["held_out_accuracy"] <= 1.0
-        assert (bundled_model_dir(name) / "model.safetensors").stat().st_size < 6_000_000
+        assert 0.0 <= card["held_out_accuracy"] <= 1.0 and card["held_out_problems"] >= 256
+        se = (card["held_out_accuracy"] * (1 - card["held_out_accuracy"]) / 256) ** 0.5
+        assert card["held_out_accuracy_se"] == pytest.approx(se)
+        assert card["context_length"] >= 1024 and card["train_seconds"] > 0
+        assert (bundled_model_dir(name) / "model.safetensors").stat().st_size < 5_000_000
+        assert (bundled_model_dir(name) / "accuracy_vs_recurrences.png").is_file()
     looped = loopscope.load("demo")
     assert looped.meta.layout == "(2, 4⊗l, 2)"
     assert loopscope.load("demo-feedforward").meta.train_recurrences == 1
@@ -59,5 +63,10 @@ def test_quick_demo_writes_the_full_report(
         "Stability certificate",
         "Stages of inference",
         "Accuracy against recurrences",
+        "Test-time recurrences",
     ):
         assert heading in html, heading
+    assert (tmp_path / "figures" / "held_out_accuracy_vs_recurrences.png").stat().st_size > 0
+    held_out = metrics["held_out_vs_recurrences"]
+    assert [row[0] for row in held_out] == ["1-step", "2-step", "all"]
+    assert all(0.0 <= value <= 1.0 for row in held_out for value in row[1:-1])

@@ -168,8 +168,8 @@ def test_cli_trace_with_ray_matches_the_cli_without(ray_cluster: Any, tmp_path: 
 def test_bad_input_is_reported_from_the_workers(ray_cluster: Any, tmp_path: Path) -> None:
     from loopscope.trace.sharding import trace_distributed
 
-    too_long = [PromptInput("long", [1] * 400)]  # the demo model's context is 384
-    with pytest.raises(ContextLengthError, match="prompt 0 has 400 tokens"):
+    too_long = [PromptInput("long", [1] * 1100)]  # longer than the demo model's context
+    with pytest.raises(ContextLengthError, match="prompt 0 has 1100 tokens"):
         trace_distributed("demo", too_long, tmp_path / "t", SETTINGS, progress=False)
     with pytest.raises(TraceError, match="workers must be ≥ 1"):
         trace_distributed("demo", _prompts(1), tmp_path / "t", SETTINGS, workers=0)

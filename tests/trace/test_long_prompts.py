@@ -9,18 +9,21 @@ from pathlib import Path
 import pytest
 
 from loopscope.engine.loop import ContextLengthError
+from loopscope.families.checkpoint import bundled_model_dir
 from loopscope.trace.long_prompts import fit_to_context, last_tokens, long_prompts_section
 from loopscope.trace.settings import PromptInput, TraceError, TraceSettings
 
-#: The bundled demo model reads bytes; its context is 384 of them.
-DEMO_CONTEXT = 384
-LONG_QUESTION = "A farmer counts " + "cows and sheep in the field, " * 16 + "how many legs total?"
+#: The bundled demo model reads bytes; its context is this many of them.
+DEMO_CONTEXT = json.loads((bundled_model_dir("demo-looped") / "config.json").read_text())[
+    "context_length"
+]
+LONG_QUESTION = "A farmer counts " + "cows and sheep in the field, " * 40 + "how many legs total?"
 SHORT = ["What is 2 plus 3?", "Tom has 5 apples and eats 2. How many are left?"]
 QUICK = TraceSettings(recurrences=3, attention=False, stability_prompts=0)
 
 
 def _prompt_file(tmp_path: Path) -> Path:
-    assert len(LONG_QUESTION.encode()) == 500
+    assert len(LONG_QUESTION.encode()) == 1196 > DEMO_CONTEXT
     path = tmp_path / "prompts.jsonl"
     rows = [SHORT[0], LONG_QUESTION, SHORT[1]]
     path.write_text("".join(json.dumps({"question": q, "answer": "#### 1"}) + "\n" for q in rows))
@@ -66,7 +69,7 @@ def test_prompts_that_all_fit_add_no_report_section() -> None:
     assert long_prompts_section(fitted.record()) is None
 
 
-def test_analyze_skips_a_500_byte_question_on_the_demo_model(
+def test_analyze_skips_a_question_longer_than_the_demo_context(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from loopscope.pipeline import analyze
@@ -112,7 +115,8 @@ def test_analyze_truncates_to_the_last_tokens_and_says_how_many(
 def test_analyze_error_mode_keeps_todays_refusal(tmp_path: Path) -> None:
     from loopscope.pipeline import analyze
 
-    with pytest.raises(ContextLengthError, match=r"prompt 1 has \d+ tokens .* context is 384"):
+    message = rf"prompt 1 has \d+ tokens .* context is {DEMO_CONTEXT}"
+    with pytest.raises(ContextLengthError, match=message):
         analyze(
             "demo", _prompt_file(tmp_path), tmp_path / "out", recurrences=3, settings=QUICK,
             progress=False, long_prompts="error",

@@ -142,12 +142,19 @@ def test_export_writes_small_weights_and_a_model_card(tmp_path: Path) -> None:
         tmp_path / "run",
         tmp_path / "export",
         eval_problems=4,
+        recurrences=[1, 2, 4],
         command="loopscope train --config tiny",
     )
     exported = tmp_path / "export"
     assert not (exported / "optimizer.safetensors").exists()
-    assert (exported / "MODEL_CARD.md").read_text().count("loopscope train --config tiny") == 1
+    markdown = (exported / "MODEL_CARD.md").read_text()
+    assert markdown.count("loopscope train --config tiny") == 1
+    assert "| 4 |" in markdown and "accuracy_vs_recurrences.png" in markdown
+    assert (exported / "accuracy_vs_recurrences.png").stat().st_size > 1000
     assert card["steps"] == 2 and 0.0 <= float(str(card["held_out_accuracy"])) <= 1.0
+    assert card["held_out_problems"] == 4 and card["held_out_recurrences"] == 2  # trained at 2
+    assert set(card["accuracy_vs_recurrences"]) == {"1", "2", "4"}  # type: ignore[arg-type]
+    assert float(str(card["train_seconds"])) > 0  # recorded by the training loop
     full = (tmp_path / "run" / "model.safetensors").stat().st_size
     assert (exported / "model.safetensors").stat().st_size < 0.6 * full
     load_looplm(exported)

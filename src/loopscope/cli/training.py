@@ -51,6 +51,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from loopscope.cli.evaluate import recurrence_list
     from loopscope.training.export import export_checkpoint
 
     card = export_checkpoint(
@@ -58,11 +59,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
         args.destination,
         dtype=torch_dtype(args.dtype),
         eval_problems=args.eval_problems,
+        recurrences=None if args.recurrences is None else recurrence_list(args.recurrences),
         command=args.train_command,
+        train_seconds=args.train_seconds,
+        progress=True,
     )
     print(
         f"exported {card['name']} ({card['size_bytes']} bytes): held-out loss "
-        f"{card['held_out_loss']:.4f}, accuracy {card['held_out_accuracy']:.3f}"
+        f"{card['held_out_loss']:.4f}, accuracy {card['held_out_accuracy']:.3f} ± "
+        f"{card['held_out_accuracy_se']:.3f} on {card['held_out_problems']} problems"
     )
     return 0
 
@@ -71,8 +76,22 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("source")
     p.add_argument("destination")
     p.add_argument("--dtype", choices=DTYPES, default="float16", help="dtype of the saved weights")
-    p.add_argument("--eval-problems", type=int, default=64)
+    p.add_argument(
+        "--eval-problems", type=int, default=256, help="held-out problems the card measures"
+    )
+    p.add_argument(
+        "--recurrences",
+        default=None,
+        help="comma-separated test-time recurrence counts for the card's accuracy curve "
+        "(default 1,2,3,4,6,8,16,32 for a looped model, 1 for a feedforward one)",
+    )
     p.add_argument("--train-command", default="", help="the command that trained it, for the card")
+    p.add_argument(
+        "--train-seconds",
+        type=float,
+        default=None,
+        help="training wall time for the card, for a run that did not record it",
+    )
 
 
 TRAIN = Command(

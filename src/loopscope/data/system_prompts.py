@@ -9,8 +9,9 @@ tracing the same prompts under several system prompts. The named variants are:
   every one of them the pad token (so length is kept and content removed);
 - ``short-math``: one sentence asking for a step-by-step solution.
 
-The texts below were written for loopscope. A byte-level model's context (384 bytes for the
-bundled models) cannot hold the long persona; tracing refuses such a prompt by its length.
+The texts below were written for loopscope. A byte-level model's context (1,024 bytes for the
+bundled models) cannot hold the long persona and a question; tracing skips, truncates or
+refuses such a prompt by its length, as ``--long-prompts`` says.
 """
 
 from __future__ import annotations

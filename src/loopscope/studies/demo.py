@@ -27,9 +27,9 @@ ACCURACY_PROBLEMS = 16
 QUICK_ACCURACY_PROBLEMS = 4
 ACCURACY_RECURRENCES = (1, 2, 4, 8, 16)
 #: The system-prompt variants traced side by side over the same few problems, fewer and
-#: shallower than the main trace and without attention maps (the long persona's 384-token
-#: prompts would store 0.5 GB of them; the main trace shows attention), so that the four traces
-#: stay a small part of the demo.
+#: shallower than the main trace and without attention maps (the long persona's prompts of
+#: several hundred tokens would store 0.5 GB of them; the main trace shows attention), so that
+#: the four traces stay a small part of the demo.
 DEMO_VARIANTS = "none,long-persona,long-persona-padded,short-math"
 VARIANT_PROBLEMS = 3
 QUICK_VARIANT_PROBLEMS = 2
@@ -40,26 +40,20 @@ def bundled_prompts_path() -> Path:
     return Path(str(resources.files("loopscope") / "assets" / "prompts" / DEMO_PROMPTS))
 
 
-def _models_table(names: list[str]) -> Table:
-    """What the bundled models are and how well they do, from their model cards (measured on
-    held-out problems when they were exported)."""
+def _cards(names: list[str]) -> list[dict[str, Any]]:
+    """The bundled models' cards (``card.json``, written by ``loopscope export``)."""
     from loopscope.families.checkpoint import bundled_model_dir
 
-    rows: list[list[Any]] = []
+    cards = []
     for name in names:
         card_path = bundled_model_dir(name) / "card.json"
-        card = json.loads(card_path.read_text()) if card_path.exists() else {}
-        rows.append(
-            [
-                name,
-                card.get("layout"),
-                card.get("parameters"),
-                card.get("steps"),
-                card.get("held_out_loss"),
-                card.get("held_out_accuracy"),
-                card.get("size_bytes"),
-            ]
-        )
+        cards.append(json.loads(card_path.read_text()) if card_path.exists() else {"name": name})
+    return cards
+
+
+def _models_table(cards: list[dict[str, Any]]) -> Table:
+    """What the bundled models are and how well they do, from their model cards (measured on
+    held-out problems when they were exported)."""
     columns = [
         "model",
         "layout",
@@ -67,14 +61,60 @@ def _models_table(names: list[str]) -> Table:
         "training steps",
         "held-out loss",
         "held-out accuracy",
+        "± s.e.",
+        "problems",
         "bytes on disk",
     ]
+    keys = ["name", "layout", "parameters", "steps", "held_out_loss", "held_out_accuracy"]
+    keys += ["held_out_accuracy_se", "held_out_problems", "size_bytes"]
     return Table(
         "Bundled models (from their model cards)",
         columns,
-        rows,
-        note="Accuracy: exact final answer by greedy decoding on held-out problems.",
+        [[card.get(k) for k in keys] for card in cards],
+        note="Accuracy: exact final answer by greedy decoding on held-out synthetic problems "
+        "(never trained on), at the training recurrence count; ± one binomial standard error.",
     )
+
+
+def held_out_section(looped: dict[str, Any], feedforward: dict[str, Any]) -> Section:
+    """What the looped model buys with test-time recurrences, from the cards: its held-out
+    accuracy against recurrences beside the feedforward twin's, overall and by difficulty."""
+    from loopscope.report.html import Figure
+    from loopscope.training.held_out import plot_held_out
+
+    by_steps = looped.get("accuracy_vs_recurrences_by_steps")
+    if not by_steps:
+        return Section("Test-time recurrences", text="The looped model's card has no curve.")
+    counts = list(looped["accuracy_vs_recurrences"])
+    rows = [
+        [f"{steps}-step", *(curve[r]["accuracy"] for r in counts), curve[counts[0]]["problems"]]
+        for steps, curve in by_steps.items()
+    ]
+    overall = looped["accuracy_vs_recurrences"]
+    rows.append(["all", *(overall[r]["accuracy"] for r in counts), looped["held_out_problems"]])
+    table = Table(
+        f"Held-out accuracy of {looped['name']} against test-time recurrences",
+        ["problems", *(f"R={r}" for r in counts), "count"],
+        rows,
+        note=f"{feedforward['name']} (feedforward, {feedforward.get('parameters')} parameters): "
+        f"{feedforward.get('held_out_accuracy')} ± {feedforward.get('held_out_accuracy_se')} on "
+        "the same problems.",
+    )
+    text = (
+        f"Measured when the models were exported (`loopscope export`, {looped['held_out_problems']}"
+        " held-out problems, greedy decoding with the per-recurrence key/value cache). The "
+        f"looped model ({looped.get('parameters')} parameters) was trained with recurrence "
+        f"counts sampled around {looped.get('train_recurrences')}; the left panel shows its "
+        "accuracy at each test-time count beside its feedforward twin's, the right panel the "
+        "same curve per problem difficulty (calculation steps)."
+    )
+    figure = Figure(
+        "held_out_accuracy_vs_recurrences",
+        "Held-out accuracy against test-time recurrences (±1 s.e.); the orange band is the "
+        "feedforward twin.",
+        plot_held_out(looped, twin=feedforward),
+    )
+    return Section("Test-time recurrences", text=text, tables=[table], figures=[figure])
 
 
 def print_table(table: Table) -> None:
@@ -133,8 +173,10 @@ def run_demo(
         f"{feedforward.meta.name}; {len(prompts)} bundled problems, {recurrences} recurrences"
     )
 
-    models = _models_table(["demo-looped", "demo-feedforward"])
+    cards = _cards(["demo-looped", "demo-feedforward"])
+    models = _models_table(cards)
     print_table(models)
+    recurrence_section = held_out_section(*cards)
     settings = TraceSettings(
         recurrences=recurrences, seed=seed, stability_prompts=1, stability_iters=20
     )
@@ -159,12 +201,16 @@ def run_demo(
         out_dir,
         extra_sections=[
             Section("Bundled models", tables=[models]),
+            recurrence_section,
             *stage_sections,
             accuracy_section,
             *variant_sections,
         ],
         extra_metrics={
             "bundled_models": models.rows,
+            "held_out_vs_recurrences": recurrence_section.tables[0].rows
+            if recurrence_section.tables
+            else [],
             "stages": stage_metrics,
             "accuracy_vs_recurrences": accuracy_metrics,
             "system_prompt_variants": variant_metrics,
@@ -224,10 +270,10 @@ def system_prompt_variants(
     text = (
         f"The first {n_prompts} bundled problems traced for {VARIANT_RECURRENCES} recurrences "
         "under each system prompt, laid out as system prompt, blank line, question (this "
-        "byte-level model has no chat template). The long persona is longer than the model's "
-        f"context of {model.meta.context_length} bytes, so those prompts keep only their last "
-        "bytes (--long-prompts truncate): the persona's end and the question. Each variant's "
-        "own report is in variants/<name>/report.html."
+        "byte-level model has no chat template). A prompt longer than the model's context of "
+        f"{model.meta.context_length} bytes would keep only its last bytes (--long-prompts "
+        "truncate): the persona's end and the question. Each variant's own report is in "
+        "variants/<name>/report.html."
     )
     metrics = {r.name: {**run_summary(r), "report": f"variants/{r.name}/report.html"} for r in runs}
     return [Section("System-prompt variants", text, tables=[table], figures=figures)], metrics
@@ -254,15 +300,10 @@ def accuracy_curve(
         f"The bundled looped model answers the first {len(problems)} bundled problems by "
         f"greedy decoding at each recurrence count (trained at {result.train_recurrences}), "
         "exactly as `loopscope evaluate` does: the answer is the number after '####' (else "
-        "the last number) and must equal the reference's. The model is tiny (see its "
-        "held-out accuracy above), so few answers are right at any depth; the curve shows "
-        "how to read test-time compute, not a strong reasoner. Run `loopscope evaluate demo "
-        "--prompts PROBLEMS.jsonl` for more problems and recurrences.\n\n"
-        "System-prompt variants are not in the demo: each variant is one more full trace of "
-        "the looped model, several times the demo's own time on a laptop CPU; run "
-        "`loopscope analyze demo --prompts PROMPTS --out DIR --system-variants none,"
-        "long-persona,long-persona-padded,short-math --long-prompts truncate` for that page "
-        "(the bundled model's context is 384 bytes, so the long persona must be truncated)."
+        "the last number) and must equal the reference's. These few problems make a noisy "
+        "curve, computed live; the section 'Test-time recurrences' above measures the same on "
+        "the model card's held-out problems. Run `loopscope evaluate demo --prompts "
+        "PROBLEMS.jsonl` for more problems and recurrences."
     )
     figure = Figure(
         "accuracy_vs_recurrences",

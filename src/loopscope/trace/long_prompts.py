@@ -1,12 +1,13 @@
 """Prompts longer than the model's context: skip them, keep their last tokens, or stop.
 
 Real prompt sets hold a few questions longer than a small model's context (8% of the GSM8K
-test questions exceed the bundled models' 384 bytes), and one of them should not end a run
-over hundreds. ``skip`` (the default) leaves such a prompt out and lists it with its length;
-``truncate`` keeps its last tokens that fit (the question usually ends a prompt), after the
-BOS token when the tokenizer prepends one, and says how many were cut; ``error`` stops with
-the prompt, its length, the context and the fix. The list of what was skipped or cut goes
-into ``trace.json`` under ``long_prompts`` and from there into the report and ``metrics.json``.
+test questions exceed 384 bytes, a context our earlier bundled models had), and one of them
+should not end a run over hundreds. ``skip`` (the default) leaves such a prompt out and lists
+it with its length; ``truncate`` keeps its last tokens that fit (the question usually ends a
+prompt), after the BOS token when the tokenizer prepends one, and says how many were cut;
+``error`` stops with the prompt, its length, the context and the fix. The list of what was
+skipped or cut goes into ``trace.json`` under ``long_prompts`` and from there into the report
+and ``metrics.json``.
 """
 
 from __future__ import annotations

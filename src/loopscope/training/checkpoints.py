@@ -36,6 +36,9 @@ SNAPSHOT = Path("resume") / "state.safetensors"
 SNAPSHOT_FORMAT = "loopscope-training-state-1"
 #: Files a training run writes at the top of its directory (their stale temporaries are removed).
 EXPORTED = ("model.safetensors", "config.json", "train_config.json", "trainer_state.json")
+#: Training wall time, kept apart from ``trainer_state.json`` so that a resumed run's state
+#: stays byte-identical to an uninterrupted one's (wall time never is).
+TRAIN_TIME = "train_time.json"
 #: Written by loopscope before the resume snapshot existed; still read when no snapshot is there.
 LEGACY_OPTIMIZER = "optimizer.safetensors"
 
@@ -103,6 +106,15 @@ def _trainer_state(cfg: TrainConfig, step: int, history: list[dict[str, float]])
     return {"step": step, "history": history, "train_config": asdict(cfg)}
 
 
+def recorded_train_seconds(out: Path) -> float | None:
+    """Wall seconds spent training the run in ``out`` so far, summed over resumed sessions
+    (None for a run written before this was recorded)."""
+    path = out / TRAIN_TIME
+    if not path.exists():
+        return None
+    return float(json.loads(path.read_text())["train_seconds"])
+
+
 def _write_failed(out: Path, step: int, resumable: int, err: OSError) -> CheckpointWriteError:
     """The error for a failed checkpoint write: what failed, the fix, and where a rerun starts."""
     full = err.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -128,6 +140,7 @@ def save_training_state(
     history: list[dict[str, float]],
     *,
     resumable: int,
+    train_seconds: float | None = None,
 ) -> None:
     """Write the resume snapshot of ``step``, then the loadable model and ``trainer_state.json``.
 
@@ -149,6 +162,8 @@ def save_training_state(
     try:
         save_checkpoint(out, model, cfg)
         atomic.write_text(out / "trainer_state.json", json.dumps(state, indent=2))
+        if train_seconds is not None:
+            atomic.write_json(out / TRAIN_TIME, {"step": step, "train_seconds": train_seconds})
     except OSError as err:
         raise _write_failed(out, step, step, err) from err
 
@@ -157,7 +172,8 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     """Delete the temporary files a killed write left behind (``.NAME.*.tmp`` of the files a
     run writes); they are never read, only waste space. Returns what was removed."""
     removed: list[Path] = []
-    for directory, names in ((out, EXPORTED), ((out / SNAPSHOT).parent, (SNAPSHOT.name,))):
+    written = (*EXPORTED, TRAIN_TIME)
+    for directory, names in ((out, written), ((out / SNAPSHOT).parent, (SNAPSHOT.name,))):
         for name in names:
             for stale in directory.glob(f".{name}.*.tmp"):
                 stale.unlink(missing_ok=True)

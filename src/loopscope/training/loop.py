@@ -24,6 +24,7 @@ from loopscope.core.errors import LoopscopeError
 from loopscope.training.checkpoints import (
     CheckpointWriteError,
     load_training_state,
+    recorded_train_seconds,
     remove_stale_temporaries,
     save_checkpoint,
     save_training_state,
@@ -72,6 +73,12 @@ def train(
         _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
     )
     start, history = _maybe_resume(out, model, optimizer, cfg, log)
+    earlier_seconds = (recorded_train_seconds(out) or 0.0) if start else 0.0
+    session_start = time.monotonic()
+
+    def seconds() -> float:
+        return earlier_seconds + time.monotonic() - session_start
+
     ctx = model.meta.context_length
     bar = tqdm(
         total=cfg.steps, initial=start, disable=not progress, desc=f"train {model.meta.name}"
@@ -108,7 +115,16 @@ def train(
                 history.append(record)
                 log(json.dumps(record))
             if step % cfg.checkpoint_every == 0 or time.monotonic() - last_save > 120:
-                save_training_state(out, model, optimizer, cfg, step, history, resumable=saved)
+                save_training_state(
+                    out,
+                    model,
+                    optimizer,
+                    cfg,
+                    step,
+                    history,
+                    resumable=saved,
+                    train_seconds=seconds(),
+                )
                 saved, last_save = step, time.monotonic()
     except CheckpointWriteError:
         write_failed = True  # the disk refused once; the error says where a rerun resumes
@@ -118,7 +134,9 @@ def train(
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
         if step > saved and not write_failed:
-            save_training_state(out, model, optimizer, cfg, step, history, resumable=saved)
+            save_training_state(
+                out, model, optimizer, cfg, step, history, resumable=saved, train_seconds=seconds()
+            )
     return TrainResult(out, step, history, start)
 
 

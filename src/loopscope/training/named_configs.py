@@ -45,23 +45,26 @@ def _study(name: str, block: int, injection: bool = False) -> NamedConfig:
 
 
 _DEMO_TRAIN = TrainConfig(
-    steps=1200,
+    steps=3000,
     batch_size=16,
     lr=3e-3,
     min_lr=3e-4,
-    warmup_steps=60,
-    eval_every=400,
+    warmup_steps=100,
+    eval_every=1000,
     eval_problems=64,
     accuracy_problems=24,
     max_problem_steps=2,
-    checkpoint_every=50,
+    checkpoint_every=100,
 )
+#: Bytes of context of the bundled pair: the longest real GSM8K test question fits with its
+#: prompt frame (RoPE positions, so the context costs nothing until it is used).
+_DEMO_CONTEXT = 1024
 
 REGISTRY: dict[str, NamedConfig] = {
     "demo-looped": NamedConfig(
         LoopConfig(
             name="demo-looped",
-            d_model=96,
+            d_model=112,
             n_heads=4,
             prelude_layers=2,
             block_layers=4,
@@ -70,19 +73,38 @@ REGISTRY: dict[str, NamedConfig] = {
             injection="concat-linear",
             init_state="zeros",
             norm_scheme="pre",
-            context_length=384,
+            context_length=_DEMO_CONTEXT,
         ),
         replace(
             _DEMO_TRAIN,
-            steps=800,
             recurrence_sampling="huginn",
             mean_recurrences=4,
-            max_recurrences=8,
+            max_recurrences=12,
             backprop_depth=4,
         ),
-        "bundled demo: (2,4⊗l,2) pre-norm with concat-linear injection (the retrofitted "
-        "models' design), width 96, trained on Huginn-style sampled recurrences (mean 4); "
-        "800 steps × 20 realised layers ≈ the twin's 1200 steps × 12 layers of compute",
+        "(2,4⊗l,2) pre-norm with concat-linear injection (the retrofitted models' design), "
+        "width 112 (fewer parameters than the 12-layer twin), trained on Huginn-style sampled "
+        "recurrences (mean 4, at most 12, gradients through the last 4); 69.1% held out, the "
+        "same at every recurrence count, so the bundled model is demo-looped-constant",
+    ),
+    "demo-looped-constant": NamedConfig(
+        LoopConfig(
+            name="demo-looped-constant",
+            d_model=112,
+            n_heads=4,
+            prelude_layers=2,
+            block_layers=4,
+            coda_layers=2,
+            train_recurrences=4,
+            injection="concat-linear",
+            init_state="zeros",
+            norm_scheme="pre",
+            context_length=_DEMO_CONTEXT,
+        ),
+        _DEMO_TRAIN,
+        "the bundled looped model (loopscope.load('demo')): demo-looped's architecture trained "
+        "as the study trains its models, a constant 4 recurrences with gradients through all "
+        "of them and the loss on the final output",
     ),
     "demo-feedforward": NamedConfig(
         LoopConfig(
@@ -96,10 +118,10 @@ REGISTRY: dict[str, NamedConfig] = {
             injection="none",
             init_state="prelude",
             norm_scheme="pre",
-            context_length=384,
+            context_length=_DEMO_CONTEXT,
         ),
         _DEMO_TRAIN,
-        "bundled demo twin: 12-layer feedforward, width 96",
+        "bundled demo twin: 12-layer feedforward, width 96, the same data and steps",
     ),
     "smoke-tiny": NamedConfig(
         LoopConfig(
