@@ -60,21 +60,28 @@ _DEMO_TRAIN = TrainConfig(
 #: prompt frame (RoPE positions, so the context costs nothing until it is used).
 _DEMO_CONTEXT = 1024
 
+
+def _demo_looped_model(name: str) -> LoopConfig:
+    """The bundled looped architecture: (2,4⊗l,2) pre-norm with concat-linear injection (the
+    retrofitted models' design) at width 112, fewer parameters than the 12-layer twin."""
+    return LoopConfig(
+        name=name,
+        d_model=112,
+        n_heads=4,
+        prelude_layers=2,
+        block_layers=4,
+        coda_layers=2,
+        train_recurrences=4,
+        injection="concat-linear",
+        init_state="zeros",
+        norm_scheme="pre",
+        context_length=_DEMO_CONTEXT,
+    )
+
+
 REGISTRY: dict[str, NamedConfig] = {
     "demo-looped": NamedConfig(
-        LoopConfig(
-            name="demo-looped",
-            d_model=112,
-            n_heads=4,
-            prelude_layers=2,
-            block_layers=4,
-            coda_layers=2,
-            train_recurrences=4,
-            injection="concat-linear",
-            init_state="zeros",
-            norm_scheme="pre",
-            context_length=_DEMO_CONTEXT,
-        ),
+        _demo_looped_model("demo-looped"),
         replace(
             _DEMO_TRAIN,
             recurrence_sampling="huginn",
@@ -88,19 +95,7 @@ REGISTRY: dict[str, NamedConfig] = {
         "same at every recurrence count, so the bundled model is demo-looped-constant",
     ),
     "demo-looped-constant": NamedConfig(
-        LoopConfig(
-            name="demo-looped-constant",
-            d_model=112,
-            n_heads=4,
-            prelude_layers=2,
-            block_layers=4,
-            coda_layers=2,
-            train_recurrences=4,
-            injection="concat-linear",
-            init_state="zeros",
-            norm_scheme="pre",
-            context_length=_DEMO_CONTEXT,
-        ),
+        _demo_looped_model("demo-looped-constant"),
         _DEMO_TRAIN,
         "the bundled looped model (loopscope.load('demo')): demo-looped's architecture trained "
         "as the study trains its models, a constant 4 recurrences with gradients through all "
