@@ -59,3 +59,31 @@ def test_publish_directory(tmp_path: Path) -> None:
     atomic.publish_directory(built, tmp_path / "chunk")
     assert (tmp_path / "chunk" / "x.npy").read_bytes() == b"123"
     assert not built.exists()
+
+
+@pytest.mark.parametrize("syncfs", [True, False], ids=["one-syncfs", "fsync-per-file"])
+def test_publish_directories_publishes_a_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs: bool
+) -> None:
+    if not syncfs:  # a platform without syncfs (or one where it fails) fsyncs each file
+        monkeypatch.setattr(atomic, "_syncfs", lambda directory: False)
+    pairs = []
+    for i in range(3):
+        built = tmp_path / f".chunk{i}.partial"
+        built.mkdir()
+        atomic.write_unpublished(built / "x.npy", lambda fh, i=i: fh.write(bytes([i]) * 4))
+        pairs.append((built, tmp_path / f"chunk{i}"))
+    atomic.publish_directories(pairs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk0", "chunk1", "chunk2"]
+    assert [(tmp_path / f"chunk{i}" / "x.npy").read_bytes() for i in range(3)] == [
+        bytes([i]) * 4 for i in range(3)
+    ]
+    assert oct((tmp_path / "chunk1" / "x.npy").stat().st_mode & 0o777) == oct(atomic.FILE_MODE)
+    atomic.publish_directories([])  # nothing to publish is not an error
+
+
+def test_syncfs_flushes_where_linux_has_it(tmp_path: Path) -> None:
+    import sys
+
+    assert atomic._syncfs(tmp_path) is sys.platform.startswith("linux")
+    assert atomic._syncfs(tmp_path / "missing") is False

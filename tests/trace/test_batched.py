@@ -459,16 +459,16 @@ def test_a_batched_run_resumes_under_another_batch_size(
     trace_prompts(looplm, prompts, out, SETTINGS, progress=False, stop_after=3, batch_size=4)
     assert sorted(chunk_paths(out)) == [0, 1, 2]  # a limit stops at prompts, not batches
     first = _chunk_bytes(out)
-    published = writer.publish_directory
+    write = writer._write_chunk
     calls = {"n": 0}
 
-    def crash_after_one(partial: Path, final: Path) -> None:
+    def crash_after_one(*args: Any) -> None:
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt  # stopped mid-batch, after one more prompt
-        published(partial, final)
+        write(*args)
 
-    monkeypatch.setattr(writer, "publish_directory", crash_after_one)
+    monkeypatch.setattr(writer, "_write_chunk", crash_after_one)
     with pytest.raises(KeyboardInterrupt):
         trace_prompts(looplm, prompts, out, SETTINGS, progress=False, batch_size=3)
     monkeypatch.undo()

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
@@ -177,25 +178,25 @@ def test_killed_trace_resumes_and_equals_an_uninterrupted_one(
     assert_same_trace(out, uninterrupted)
 
 
-def _disk_fills_on(nth: int, chunk: str) -> Callable[[Path, Callable[[str], None]], None]:
-    """``write_with`` whose ``nth`` save into ``chunk`` writes a few bytes, then finds the disk
-    full (as a real full disk does: part of the file is there when the error comes)."""
-    real = writer.write_with
+def _disk_fills_on(nth: int, chunk: str) -> Callable[[Path, Callable[[BinaryIO], None]], None]:
+    """``write_unpublished`` whose ``nth`` save into ``chunk`` writes a few bytes, then finds
+    the disk full (as a real full disk does: part of the file is there when the error comes)."""
+    real = writer.write_unpublished
     calls: list[Path] = []
 
-    def write_with(path: Path, save: Callable[[str], None]) -> None:
+    def write_unpublished(path: Path, save: Callable[[BinaryIO], None]) -> None:
         if path.parent.name == chunk:
             calls.append(path)
             if len(calls) == nth:
 
-                def fill(tmp: str) -> None:
-                    Path(tmp).write_bytes(b"\x93NUMPY half")
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
+                def fill(fh: BinaryIO) -> None:
+                    fh.write(b"\x93NUMPY half")
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
                 real(path, fill)
         real(path, save)
 
-    return write_with
+    return write_unpublished
 
 
 def test_full_disk_stops_with_one_line_and_a_rerun_completes(
@@ -206,7 +207,7 @@ def test_full_disk_stops_with_one_line_and_a_rerun_completes(
 ) -> None:
     out = tmp_path / "trace"
     with monkeypatch.context() as patch:
-        patch.setattr(writer, "write_with", _disk_fills_on(3, "prompt_00001.partial"))
+        patch.setattr(writer, "write_unpublished", _disk_fills_on(3, "prompt_00001.partial"))
         assert run_cli(out) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
@@ -235,11 +236,12 @@ def _batched_command(out: Path, batch_size: int) -> list[str]:
 def test_killed_batched_trace_resumes_under_another_batch_size(
     uninterrupted: Path, tmp_path: Path
 ) -> None:
-    # All four prompts in one batch: killed while the batch's chunks are being written
+    # Two batches of two prompts: killed once the first batch is published, while the
+    # second batch's chunks are being written (a batch's chunks are published together)
     script = "import sys; from loopscope.cli.main import main; sys.exit(main(sys.argv[1:]))"
     out = tmp_path / "trace"
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, *_batched_command(out, 4)],
+        [sys.executable, "-c", script, *_batched_command(out, 2)],
         env=_subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -254,12 +256,12 @@ def test_killed_batched_trace_resumes_under_another_batch_size(
     with pytest.raises(TraceError, match=f"prompt {in_progress} has not been traced"):
         store.prompt(in_progress)
     reference = tmp_path / "batched"  # the same batch, uninterrupted: the same bytes
-    assert run_cli_args(_batched_command(reference, 4)) == 0
+    assert run_cli_args(_batched_command(reference, 2)) == 0
     for name in finished:
         assert_same_chunk(out / name, reference / name)
     before = _stamps(out, finished)
 
-    assert run_cli_args(_batched_command(out, 2)) == 0  # resumed in batches of two
+    assert run_cli_args(_batched_command(out, 4)) == 0  # resumed in batches of four
     assert _stamps(out, finished) == before  # finished chunks were not rewritten
     for name in ("trace.json", "prompts.jsonl"):  # the batch size is not part of the trace
         assert (out / name).read_bytes() == (uninterrupted / name).read_bytes(), name

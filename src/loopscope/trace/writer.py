@@ -14,12 +14,13 @@ Each prompt becomes one chunk (arrays are ``.npy`` so they open lazily with ``mm
                               cannot read out mid-run gets an empty logit_lens_unavailable.npy)
         stability.json        spectral radii at the fixed point (first prompts only)
 
-A chunk is built under ``prompt_NNNNN.partial`` (every file written atomically through
-:mod:`loopscope.core.atomic`), then fsynced and renamed into place, so a chunk that is visible
-is complete, even after ``kill -9`` or a power cut. An interrupted run resumes at the first
-prompt without a finished chunk and rebuilds any ``.partial`` it meets; a directory traced
-with another model or other settings is refused rather than mixed. A full disk stops the run
-with one line naming the disk; the finished chunks stay, and rerunning resumes.
+A chunk is built under ``prompt_NNNNN.partial``, then made durable and renamed into place
+(:mod:`loopscope.core.atomic`; a batch's chunks together, with one flush of the disk), so a
+chunk that is visible is complete, even after ``kill -9`` or a power cut. An interrupted run
+resumes at the first prompt without a finished chunk and rebuilds any ``.partial`` it meets;
+a directory traced with another model or other settings is refused rather than mixed. A full
+disk stops the run with one line naming the disk; the finished chunks stay, and rerunning
+resumes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from loopscope.analysis.at_fixed_point import (
     attention_bound_terms,
     stability_at_fixed_point,
 )
-from loopscope.core.atomic import publish_directory, write_json, write_text, write_with
+from loopscope.core.atomic import publish_directories, write_json, write_text, write_unpublished
 from loopscope.engine.batching import run_in_microbatches
 from loopscope.engine.contract import LoopedLM
 from loopscope.engine.loop import EditPlan
@@ -287,41 +288,57 @@ def trace_batch(
     if len(prompts) != len(indices) or not prompts:
         raise ValueError(f"{len(prompts)} prompts for {len(indices)} chunk indices")
     measured = measure_batch(model, prompts, settings, edit_plan)
-    for prompt, index, result in zip(prompts, indices, measured):
-        final = out / chunk_name(index)
-        partial = out / (chunk_name(index) + PARTIAL)
-        with disk_full_stops(out, f"prompt {index}"):
-            if partial.exists():
-                shutil.rmtree(partial)  # left by a run killed while writing it
-            partial.mkdir()
-            try:
-                _write_chunk(model, prompt, partial, index, settings, result)
-                publish_directory(partial, final)
-            except BaseException:
+    built: list[tuple[Path, Path]] = []
+    try:
+        for prompt, index, result in zip(prompts, indices, measured):
+            partial = out / (chunk_name(index) + PARTIAL)
+            with disk_full_stops(out, f"prompt {index}"):
+                if partial.exists():
+                    shutil.rmtree(partial)  # left by a run killed while writing it
+                partial.mkdir()
+                try:
+                    _write_chunk(model, prompt, partial, index, settings, result)
+                except BaseException:
+                    shutil.rmtree(partial, ignore_errors=True)
+                    raise
+            built.append((partial, out / chunk_name(index)))
+    finally:  # the chunks finished before a failure are kept
+        _publish_chunks(out, built)
+
+
+def _publish_chunks(out: Path, built: list[tuple[Path, Path]]) -> None:
+    """Make a batch's finished chunks durable and visible together (one flush for all)."""
+    if not built:
+        return
+    with disk_full_stops(out, f"prompts {', '.join(p.name for _, p in built)}"):
+        try:
+            publish_directories(built)
+        except BaseException:
+            for partial, _ in built:
                 shutil.rmtree(partial, ignore_errors=True)
-                raise
+            raise
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through the atomic writer (by file handle: numpy would append ``.npy`` to
-    the temporary name)."""
-
-    def save(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
-
-    write_with(path, save)
+    """``np.save`` into an unpublished chunk (by file handle: numpy would append ``.npy`` to a
+    name)."""
+    write_unpublished(path, lambda fh: np.save(fh, array))
 
 
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` of ``arrays`` through the atomic writer."""
+    """``np.savez`` of ``arrays`` into an unpublished chunk."""
+    save_npz: Any = np.savez  # numpy's stub mistypes **arrays
+    write_unpublished(path, lambda fh: save_npz(fh, **arrays))
 
-    def save(tmp: str) -> None:
-        save_npz: Any = np.savez  # numpy's stub mistypes **arrays
-        with open(tmp, "wb") as fh:
-            save_npz(fh, **arrays)
 
-    write_with(path, save)
+def _save_json(path: Path, data: Any) -> None:
+    """JSON (indented as every loopscope JSON file) into an unpublished chunk."""
+    text = json.dumps(data, indent=2).encode("utf-8")
+
+    def save(fh: BinaryIO) -> None:
+        fh.write(text)
+
+    write_unpublished(path, save)
 
 
 def _only_row(array: np.ndarray, batch_axis: int) -> np.ndarray:
@@ -353,7 +370,7 @@ def _write_chunk(
         if keep is not None:
             reference = reference[:, keep]
         _save_array(chunk / "fixed_point.npy", reference)
-        write_json(chunk / "fixed_point.json", measured.solved[1])
+        _save_json(chunk / "fixed_point.json", measured.solved[1])
     block = attn = None
     capture = measured.capture
     if capture is not None:
@@ -370,7 +387,7 @@ def _write_chunk(
             _save_array(chunk / "attn.npy", stored_states(attn, settings.state_dtype))
             _save_array(chunk / "attn_recurrences.npy", np.asarray(settings.attention_kept()))
     _save_arrays(chunk / "summary.npz", _summary_arrays(measured.summary))
-    write_json(chunk / "stages.json", measured.stages)
+    _save_json(chunk / "stages.json", measured.stages)
     if measured.lens is not None:
         _save_array(chunk / "logit_lens.npy", measured.lens)
     else:  # the family reads out only at the end of a run; the report says so
@@ -379,7 +396,7 @@ def _write_chunk(
         record = stability_at_fixed_point(model, ids, settings.run, iters=settings.stability_iters)
         if capture is not None:
             record["attention_bound"] = _attention_bound(model, ids, settings, block, attn)
-        write_json(chunk / "stability.json", record)
+        _save_json(chunk / "stability.json", record)
 
 
 def _summary_arrays(summary: DynamicsSummary) -> dict[str, np.ndarray]:
