@@ -20,6 +20,8 @@ from loopscope.families.looplm import LoopConfig, LoopLM
 from loopscope.nn.inits import (
     InitScheme,
     InitSizes,
+    init_name,
+    parse_init_parts,
     scheme_init,
     truncated_std_factor,
     weight_kind,
@@ -156,3 +158,47 @@ def test_family_schemes_are_deterministic_and_differ_from_the_default() -> None:
     b.reset_parameters(3, "huginn")
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     assert not torch.equal(a.state_dict()[name], default)
+
+
+def test_init_parts_draw_those_kinds_as_the_other_scheme() -> None:
+    parts = parse_init_parts(["embedding=huginn", "adapter=ouro"])
+    assert parts == (("embedding", "huginn"), ("adapter", "ouro"))
+    assert init_name("retrofit", parts) == "retrofit+embedding=huginn+adapter=ouro"
+    model = _stack()
+    model.reset_parameters(0, "retrofit", parts)
+    for name, param in model.named_parameters():
+        w = param.detach().double()
+        if w.dim() < 2:
+            continue
+        kind = weight_kind(name)
+        scheme = {"embedding": "huginn", "adapter": "ouro"}.get(kind, "retrofit")
+        std, bound = _expected(scheme, kind, w.shape[1])
+        assert float(w.std()) == pytest.approx(std, rel=4 / math.sqrt(w.numel())), name
+        if bound is not None:
+            assert float(w.abs().max()) <= bound * (1 + 1e-6), name
+    plain = _stack()
+    plain.reset_parameters(0, "retrofit", ())
+    again = _stack()
+    again.reset_parameters(0, "retrofit")
+    for (name, a), (_, b) in zip(plain.named_parameters(), again.named_parameters()):
+        assert torch.equal(a, b), name  # no parts is the scheme itself, draw for draw
+
+
+@pytest.mark.parametrize(
+    ("specs", "message"),
+    [
+        (["embedding"], "is not KIND=SCHEME"),
+        (["weights=huginn"], "KIND is one of embedding"),
+        (["embedding=xavier"], "SCHEME one of huginn, ouro, retrofit"),
+        (["embedding=identity-adapter"], "SCHEME one of"),
+        (["qkv=ouro", "qkv=huginn"], "name 'qkv' twice"),
+    ],
+)
+def test_bad_init_parts_are_refused_with_the_choices(specs: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_init_parts(specs)
+
+
+def test_init_parts_need_a_family_scheme() -> None:
+    with pytest.raises(ValueError, match="not identity-adapter"):
+        _stack().reset_parameters(0, "identity-adapter", (("embedding", "huginn"),))

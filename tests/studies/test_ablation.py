@@ -400,3 +400,41 @@ def test_cli_init_flag_and_its_conflicts(
     capsys.readouterr()
     assert ablate_main([*args, "--init", "huginn", "--adapter-init-noise", "0.1"]) == 2
     assert "pass --init identity-adapter" in capsys.readouterr().err
+
+
+def test_cli_init_parts_are_applied_recorded_and_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "ablate", "random-init", "--norms", "pre", "--injections", "concat-linear",
+        "--block-sizes", "2", "--seeds", "1", "--no-progress",
+    ]  # fmt: skip
+    out = tmp_path / "parts"
+    mixed = [*args, "--out", str(out), "--init", "retrofit", "--init-parts", "embedding=huginn"]
+    assert ablate_main(mixed) == 0
+    assert json.loads((out / "sweep.json").read_text())["init_parts"] == [["embedding", "huginn"]]
+    cell = json.loads((out / "cells" / "pre-concat-linear-k2-s0.json").read_text())
+    assert cell["init"] == "retrofit+embedding=huginn"
+    assert "embedding weights as in huginn" in (out / "table.md").read_text()
+    plain = tmp_path / "plain"
+    assert ablate_main([*args, "--out", str(plain), "--init", "retrofit"]) == 0
+    assert "init_parts" not in json.loads((plain / "sweep.json").read_text())
+    other = json.loads((plain / "cells" / "pre-concat-linear-k2-s0.json").read_text())
+    # the embedding (Z0 = X) is the only difference, and it changes what the stack does
+    assert other["init"] == "retrofit" and other["injection_ratio"] != cell["injection_ratio"]
+    capsys.readouterr()
+    assert ablate_main([*args, "--out", str(out), "--init-parts", "embedding=xavier"]) == 2
+    assert "--init-parts: init part 'embedding=xavier' is not KIND=SCHEME" in (
+        capsys.readouterr().err
+    )
+    longer = tmp_path / "longer"
+    assert ablate_main([*args, "--out", str(longer), "--recurrences", "24"]) == 0
+    assert json.loads((longer / "sweep.json").read_text())["recurrences"] == 24
+    longer_cell = json.loads((longer / "cells" / "pre-concat-linear-k2-s0.json").read_text())
+    assert len(longer_cell["norm_curve"]) == 24 and len(longer_cell["step_curve"]) == 23
+    capsys.readouterr()
+    assert ablate_main([*args, "--out", str(longer), "--recurrences", "1"]) == 2
+    assert "--recurrences must be ≥ 2" in capsys.readouterr().err
+    refused = [*args, "--out", str(tmp_path / "x"), "--init", "identity-adapter"]
+    assert ablate_main([*refused, "--init-parts", "embedding=huginn"]) == 2
+    assert "identity-adapter is LoopLM's own start" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from loopscope.cli.common import Command, CommonFlags, RunOptions, run_cli
 from loopscope.core.errors import LoopscopeError
-from loopscope.nn.inits import INIT_SCHEMES
+from loopscope.nn.inits import INIT_SCHEMES, WEIGHT_KINDS, InitParts, parse_init_parts
 from loopscope.nn.injection import INJECTIONS
 from loopscope.nn.layers import NORM_SCHEMES
 
@@ -42,7 +42,14 @@ def _cmd_random_init(args: argparse.Namespace) -> int:
         norms=args.norms,
         injections=args.injections,
     )
-    preset = replace(preset, init=_chosen_init(args))
+    preset = replace(preset, init=_chosen_init(args), init_parts=_init_parts(args))
+    if args.recurrences is not None:
+        if args.recurrences < 2:
+            raise LoopscopeError(
+                f"--recurrences must be ≥ 2 (the verdict compares the last step with the one "
+                f"at R/2), got {args.recurrences}"
+            )
+        preset = replace(preset, recurrences=args.recurrences)
     for name in ("adapter_init_noise", "embed_init_std"):
         value = getattr(args, name)
         if value is None:
@@ -67,6 +74,14 @@ def _cmd_random_init(args: argparse.Namespace) -> int:
     if run.report is not None:
         print(f"report: {run.report.html}")
     return 0
+
+
+def _init_parts(args: argparse.Namespace) -> InitParts:
+    """``--init-parts KIND=SCHEME ...``, validated (a clear error names the choices)."""
+    try:
+        return parse_init_parts(args.init_parts or ())
+    except ValueError as err:
+        raise LoopscopeError(f"--init-parts: {err}") from err
 
 
 def _chosen_init(args: argparse.Namespace) -> str:
@@ -147,6 +162,21 @@ def _add_random_init_options(p: argparse.ArgumentParser) -> None:
         help="identity-adapter init: σ of the noise on concat-linear adapters' (Z+X)/√2 start "
         "(default 0.02, which "
         "contracts only below width ≈ 215; c/√width with c < 0.29 contracts at any width)",
+    )
+    p.add_argument(
+        "--recurrences",
+        type=int,
+        help="recurrences of every run (default: the preset's, 64 quick, 128 paper); a slowly "
+        "converging cell is judged again at a longer run",
+    )
+    p.add_argument(
+        "--init-parts",
+        dest="init_parts",
+        nargs="+",
+        metavar="KIND=SCHEME",
+        help="draw these weight kinds as another scheme does, on top of --init (kinds: "
+        f"{', '.join(WEIGHT_KINDS)}; schemes: huginn, ouro, retrofit), e.g. --init retrofit "
+        "--init-parts embedding=huginn: which part of an init decides a verdict",
     )
     p.add_argument(
         "--embed-init-std",

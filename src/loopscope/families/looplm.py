@@ -32,7 +32,7 @@ from loopscope.families.checkpoint import (
     read_config,
     weight_files,
 )
-from loopscope.nn.inits import InitScheme, InitSizes, apply_init
+from loopscope.nn.inits import InitParts, InitScheme, InitSizes, apply_init
 from loopscope.nn.injection import INJECTIONS, InjectionKind, make_injection
 from loopscope.nn.layers import NORM_SCHEMES, BlockLayer, MLPType, NormScheme
 from loopscope.nn.norms import NormType, make_norm
@@ -175,11 +175,15 @@ class LoopLM(LoopedLM):
             eps=c.norm_eps,
         )
 
-    def reset_parameters(self, seed: int, scheme: InitScheme = "identity-adapter") -> None:
+    def reset_parameters(
+        self, seed: int, scheme: InitScheme = "identity-adapter", parts: InitParts = ()
+    ) -> None:
         """Deterministic init. The default, ``identity-adapter``, is LoopLM's own: N(0, 0.02)
         weights, output projections scaled down by depth (GPT-2 style), concat-linear adapters
         start as (Z + X)/√2 plus noise. Another ``scheme`` starts every weight as that family's
-        training code does (:mod:`loopscope.nn.inits`)."""
+        training code does (:mod:`loopscope.nn.inits`), the kinds in ``parts`` as theirs."""
+        if parts and scheme == "identity-adapter":
+            raise ValueError("init parts replace kinds of a family scheme, not identity-adapter")
         generator = torch.Generator().manual_seed(seed)
         depth = (
             self.config.prelude_layers + self.config.block_layers * self.config.train_recurrences
@@ -187,7 +191,7 @@ class LoopLM(LoopedLM):
         depth += self.config.coda_layers
         if scheme != "identity-adapter":
             sizes = InitSizes(self.config.d_model, depth)
-            apply_init(self.named_parameters(), scheme, sizes, generator)
+            apply_init(self.named_parameters(), scheme, sizes, generator, parts)
             return
         out_std = 0.02 / (2 * max(depth, 1)) ** 0.5
         with torch.no_grad():

@@ -30,6 +30,10 @@ gains start at 1, biases at 0. ``d`` is the model width and ``L`` the effective 
   modeling file had until July 2025. So the adapter keeps PyTorch's ``nn.Linear`` default:
   uniform on ±1/√fan_in with fan_in = 2d.
 - ``identity-adapter``: LoopLM's own start (see ``LoopLM.reset_parameters``), kept as is.
+
+*Parts* (``InitParts``, written ``KIND=SCHEME``) replace the distribution of some weight kinds
+by another scheme's, so a verdict can be traced to one part of an init: a retrofit start with
+``embedding=huginn`` differs from the retrofit scheme only in the token embeddings.
 """
 
 from __future__ import annotations
@@ -48,6 +52,18 @@ WeightKind = Literal[
     "embedding", "qkv", "attn_out", "mlp_in", "mlp_out", "adapter", "head", "linear"
 ]
 Law = Literal["normal", "truncated", "uniform"]
+WEIGHT_KINDS: tuple[WeightKind, ...] = (
+    "embedding",
+    "qkv",
+    "attn_out",
+    "mlp_in",
+    "mlp_out",
+    "adapter",
+    "head",
+    "linear",
+)
+#: Weight kinds whose distribution comes from another scheme, as (kind, scheme) pairs.
+InitParts = tuple[tuple[WeightKind, InitScheme], ...]
 
 #: Huginn's truncated normals cut at ±3σ.
 TRUNCATION = 3.0
@@ -143,14 +159,42 @@ def scheme_init(scheme: InitScheme, kind: WeightKind, sizes: InitSizes, fan_in: 
     return _SCHEMES[scheme](kind, sizes, fan_in)
 
 
+def parse_init_parts(specs: Iterable[str]) -> InitParts:
+    """``KIND=SCHEME`` strings as :data:`InitParts`, each kind at most once; refused with the
+    choices when a kind or scheme is unknown (``identity-adapter`` is LoopLM's whole start,
+    not a per-kind law)."""
+    parts: list[tuple[WeightKind, InitScheme]] = []
+    schemes = tuple(_SCHEMES)
+    for spec in specs:
+        kind, sep, scheme = spec.partition("=")
+        if not sep or kind not in WEIGHT_KINDS or scheme not in schemes:
+            raise ValueError(
+                f"init part {spec!r} is not KIND=SCHEME; KIND is one of "
+                f"{', '.join(WEIGHT_KINDS)} and SCHEME one of {', '.join(schemes)}"
+            )
+        if any(k == kind for k, _ in parts):
+            raise ValueError(f"init parts name {kind!r} twice; give each weight kind once")
+        parts.append((kind, scheme))  # type: ignore[arg-type]
+    return tuple(parts)
+
+
+def init_name(scheme: InitScheme, parts: InitParts = ()) -> str:
+    """How a cell's init is recorded: the scheme, then each replaced kind (``retrofit+
+    embedding=huginn``)."""
+    return "+".join([scheme, *(f"{kind}={source}" for kind, source in parts)])
+
+
 def apply_init(
     named_parameters: Iterable[tuple[str, nn.Parameter]],
     scheme: InitScheme,
     sizes: InitSizes,
     generator: torch.Generator,
+    parts: InitParts = (),
 ) -> None:
-    """Initialise every parameter under ``scheme``: matrices by kind, biases 0, norm gains 1,
-    and LoopLM's diagonal-decay log-rates at −1 (no family has that injection)."""
+    """Initialise every parameter under ``scheme`` (the kinds in ``parts`` under their own
+    scheme): matrices by kind, biases 0, norm gains 1, and LoopLM's diagonal-decay log-rates
+    at −1 (no family has that injection)."""
+    source = dict(parts)
     with torch.no_grad():
         for name, param in named_parameters:
             if param.dim() < 2:
@@ -161,12 +205,14 @@ def apply_init(
                 else:
                     param.fill_(1.0)
                 continue
-            init = scheme_init(scheme, weight_kind(name), sizes, param.shape[1])
+            kind = weight_kind(name)
+            init = scheme_init(source.get(kind, scheme), kind, sizes, param.shape[1])
             param.copy_(init.draw(param.shape, generator))
 
 
-def describe_scheme(scheme: InitScheme) -> str:
-    """One sentence per scheme for reports, with its formulas."""
+def describe_scheme(scheme: InitScheme, parts: InitParts = ()) -> str:
+    """One sentence per scheme for reports, with its formulas (and the replaced kinds)."""
+    replaced = "".join(f"; {kind} weights as in {source}" for kind, source in parts)
     return {
         "identity-adapter": "LoopLM's own start: N(0, 0.02) weights, output projections "
         "N(0, 0.02/√(2L)), concat-linear adapter (Z + X)/√2 plus N(0, σ_a) noise",
@@ -175,4 +221,4 @@ def describe_scheme(scheme: InitScheme) -> str:
         "ouro": "Ouro's init: every linear map and the embedding N(0, 0.02), no depth scaling",
         "retrofit": "the retrofit models' init: Llama/OLMo layers N(0, 0.02), adapter PyTorch's "
         "nn.Linear default U(±1/√(2d))",
-    }[scheme]
+    }[scheme] + replaced

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from loopscope.core.errors import LoopscopeError
-from loopscope.nn.inits import INIT_SCHEMES, InitScheme
+from loopscope.nn.inits import INIT_SCHEMES, InitParts, InitScheme
 from loopscope.nn.injection import INJECTIONS
 from loopscope.nn.layers import NORM_SCHEMES
 from loopscope.report.html import to_jsonable
@@ -65,10 +65,15 @@ class RandomInitPreset:
     #: :mod:`loopscope.nn.inits` for every cell; the two fields above apply to
     #: ``identity-adapter`` only.
     init: str = "family"
+    #: weight kinds drawn as another scheme draws them, on top of every cell's ``init``
+    #: (:func:`loopscope.nn.inits.parse_init_parts`; not with ``identity-adapter``)
+    init_parts: InitParts = ()
 
     def measurement(self) -> dict[str, Any]:
-        """The fields that make two runs' cells comparable (saved in the sweep header)."""
-        return _measurement(self, {"seeds", "block_sizes", "norms", "injections", "name"})
+        """The fields that make two runs' cells comparable (saved in the sweep header; no init
+        parts is left out, so directories written before they existed still reopen)."""
+        grid = {"seeds", "block_sizes", "norms", "injections", "name"}
+        return _measurement(self, grid if self.init_parts else grid | {"init_parts"})
 
 
 RANDOM_INIT_PRESETS: dict[str, RandomInitPreset] = {

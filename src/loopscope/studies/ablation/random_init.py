@@ -31,6 +31,7 @@ from loopscope.analysis.stability import spectral_radius
 from loopscope.core.errors import LoopscopeError
 from loopscope.engine.loop import block_step, prelude_output
 from loopscope.families.looplm import LoopConfig, LoopLM
+from loopscope.nn.inits import init_name
 from loopscope.report.html import to_jsonable
 from loopscope.studies.ablation.formatting import group_by, mean_sd
 from loopscope.studies.ablation.measures import BlockStates, measure_states
@@ -71,7 +72,11 @@ def random_init_grid(preset: RandomInitPreset) -> list[Cell]:
     ``init`` is refused here, before any cell runs."""
     norms, injections, blocks, seeds = checked_factors(preset)
     for norm in norms:
-        cell_init(norm, preset.init)
+        if cell_init(norm, preset.init) == "identity-adapter" and preset.init_parts:
+            raise LoopscopeError(
+                "--init-parts replace weight kinds of a family scheme; identity-adapter is "
+                "LoopLM's own start: pass --init family, huginn, ouro or retrofit"
+            )
     return [Cell(*combo) for combo in itertools.product(norms, injections, blocks, seeds)]
 
 
@@ -202,7 +207,7 @@ def measure_cell(
     scheme = cell_init(cell.norm, preset.init)
     model = LoopLM(cell_config(cell, preset))
     if scheme != "identity-adapter":
-        model.reset_parameters(cell.seed, scheme)
+        model.reset_parameters(cell.seed, scheme, preset.init_parts)
     model = model.to(device=device, dtype=dtype).eval()
     ids = ids.to(device)
     probe = BlockStates(preset.recurrences, cell.block)
@@ -236,7 +241,7 @@ def measure_cell(
         seconds=time.perf_counter() - start,
         adapter_init_noise=preset.adapter_init_noise,
         embed_init_std=preset.embed_init_std,
-        init=scheme,
+        init=init_name(scheme, preset.init_parts),
         direction=v.direction,
         magnitude=v.magnitude,
         norm_trend=v.norm_trend,
@@ -279,7 +284,7 @@ def run_cell(
             error=message,
             adapter_init_noise=preset.adapter_init_noise,
             embed_init_std=preset.embed_init_std,
-            init=cell_init(cell.norm, preset.init),
+            init=init_name(cell_init(cell.norm, preset.init), preset.init_parts),
         )
 
 

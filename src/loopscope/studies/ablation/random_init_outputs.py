@@ -275,7 +275,8 @@ def _init_text(preset: RandomInitPreset) -> str:
         by_scheme.setdefault(cell_init(norm, preset.init), []).append(norm)
     how = "each norm scheme's own family" if preset.init == "family" else f"{preset.init}"
     parts = [
-        f"{', '.join(norms)}: {describe_scheme(scheme)}" for scheme, norms in by_scheme.items()
+        f"{', '.join(norms)}: {describe_scheme(scheme, preset.init_parts)}"
+        for scheme, norms in by_scheme.items()
     ]
     return f"Init {preset.init} ({how}) — " + "; ".join(parts) + "."
 
