@@ -15,8 +15,9 @@ cached token would keep a draw that the full forward redraws as the text grows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -264,3 +265,27 @@ def generate_greedy_batch(
         cache.rows = cache.rows.advanced()
         last = out.logits[:, -1]
     return [Generation(tokens=t, stopped=s) for t, s in zip(tokens, stopped)]
+
+
+def generate_at_recurrences(
+    model: LoopedLM,
+    prompts: Sequence[Sequence[int]],
+    recurrences: Sequence[int],
+    *,
+    batch_size: int,
+    desc: str,
+    progress: bool = False,
+    **options: Any,
+) -> Iterator[tuple[int, int, Generation]]:
+    """Every prompt answered at every recurrence count, ``batch_size`` prompts per
+    :func:`generate_greedy_batch` call (``options`` passed on), with one progress bar over the
+    batches: yields (recurrences, prompt index, generation) in that order, so each caller only
+    reads its own answers."""
+    from tqdm.auto import tqdm
+
+    step = max(1, batch_size)
+    jobs = [(r, first) for r in recurrences for first in range(0, len(prompts), step)]
+    for r, first in tqdm(jobs, desc=desc, disable=not progress):
+        outs = generate_greedy_batch(model, prompts[first : first + step], recurrences=r, **options)
+        for index, out in enumerate(outs, first):
+            yield r, index, out

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from loopscope.analysis.report_parts import Table
 from loopscope.data import GSM8KExample, format_prompt, parse_model_answer
 from loopscope.engine.contract import LoopedLM
-from loopscope.engine.generation import check_kv_cache, generate_greedy_batch
+from loopscope.engine.generation import check_kv_cache, generate_at_recurrences
 
 __all__ = [
     "AnswerCodec",
@@ -182,30 +182,28 @@ def evaluate_accuracy(
     """Answer every problem greedily at every recurrence count, ``batch_size`` problems decoded
     together (:func:`loopscope.engine.generation.generate_greedy_batch`: the same answers as
     one at a time); see the module docstring for the prompt layout and how answers are read."""
-    from tqdm.auto import tqdm
-
     if kv_cache:  # refused before any problem is decoded, naming --no-kv-cache
         check_kv_cache(model, seed=seed)
     prompts = [codec.encode(format_prompt(p.question)) for p in problems]
     answers: list[ProblemAnswer] = []
     start = time.perf_counter()
-    step = max(1, batch_size)
-    jobs = [(r, first) for r in recurrences for first in range(0, len(problems), step)]
-    for r, first in tqdm(jobs, desc="evaluate", disable=not progress):
-        outs = generate_greedy_batch(
-            model,
-            prompts[first : first + step],
-            recurrences=r,
-            max_new_tokens=max_new_tokens,
-            stop_id=codec.stop_id,
-            kv_cache=kv_cache,
-            seed=seed,
-        )
-        for i, out in enumerate(outs, first):
-            text = codec.decode(out.tokens)
-            reference = problems[i].final_answer
-            parsed, correct = judge_answer(text, reference)
-            answers.append(ProblemAnswer(i, r, reference, text, parsed, correct, len(out.tokens)))
+    generated = generate_at_recurrences(
+        model,
+        prompts,
+        recurrences,
+        batch_size=batch_size,
+        desc="evaluate",
+        progress=progress,
+        max_new_tokens=max_new_tokens,
+        stop_id=codec.stop_id,
+        kv_cache=kv_cache,
+        seed=seed,
+    )
+    for r, i, out in generated:
+        text = codec.decode(out.tokens)
+        reference = problems[i].final_answer
+        parsed, correct = judge_answer(text, reference)
+        answers.append(ProblemAnswer(i, r, reference, text, parsed, correct, len(out.tokens)))
     return EvaluationResult(
         model_name=model.meta.name or model.meta.family,
         recurrences=list(recurrences),

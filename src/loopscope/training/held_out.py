@@ -113,27 +113,26 @@ def held_out_accuracy(
 ) -> HeldOutAccuracy:
     """Answer every problem greedily at every recurrence count (KV cache on) and mark which
     answers are exactly the reference's final number."""
-    from tqdm.auto import tqdm
-
     from loopscope.data import ByteTokenizer, format_prompt, parse_model_answer
-    from loopscope.engine.generation import generate_greedy_batch
+    from loopscope.engine.generation import generate_at_recurrences
 
     tokenizer = ByteTokenizer()
     prompts = [tokenizer.encode(format_prompt(p.question), bos=True) for p in problems]
     correct: dict[int, list[bool]] = {r: [] for r in recurrences}
-    jobs = [(r, first) for r in recurrences for first in range(0, len(prompts), batch_size)]
-    for r, first in tqdm(jobs, desc="held-out accuracy", disable=not progress):
-        outs = generate_greedy_batch(
-            model,
-            prompts[first : first + batch_size],
-            recurrences=r,
-            max_new_tokens=max_new_tokens,
-            stop_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id,
-        )
-        for problem, out in zip(problems[first : first + batch_size], outs):
-            parsed = parse_model_answer(tokenizer.decode(out.tokens))
-            correct[r].append(parsed == str(problem.final_answer))
+    answers = generate_at_recurrences(
+        model,
+        prompts,
+        recurrences,
+        batch_size=batch_size,
+        desc="held-out accuracy",
+        progress=progress,
+        max_new_tokens=max_new_tokens,
+        stop_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+    )
+    for r, index, out in answers:
+        parsed = parse_model_answer(tokenizer.decode(out.tokens))
+        correct[r].append(parsed == str(problems[index].final_answer))
     return HeldOutAccuracy(
         recurrences=list(recurrences),
         train_recurrences=model.meta.train_recurrences,
