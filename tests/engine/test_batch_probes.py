@@ -69,3 +69,50 @@ def test_batch_stages_and_dynamics_give_each_row_its_own_metrics() -> None:
                 np.testing.assert_allclose(have[key], value, rtol=0, atol=_tol(value), err_msg=key)
     with pytest.raises(RuntimeError, match="by rows"):
         batch_dynamics.result()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("pending_bytes", [0, 1 << 30])
+def test_batch_matrix_entropy_sizes_each_row_by_its_own_side(
+    threads: int, pending_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # width 4: rows of 1, 3 and 4 tokens take their T_i × T_i Gram, rows of 6 and 9 the
+    # 4 × 4 one; solved per site (pending_bytes 0) or all at results(), on one or two threads
+    import loopscope.analysis.stages_batch as stages_batch
+
+    monkeypatch.setattr(stages_batch, "PENDING_GRAM_BYTES", pending_bytes)
+    lengths, width, recurrences = [9, 1, 6, 3, 4], 4, 4
+    gen = torch.Generator().manual_seed(11)
+    states = torch.randn(recurrences, len(lengths), max(lengths), width, generator=gen)
+    states[2, 3, 1] = float("nan")  # one row diverges at one site: NaN there only
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batch = BatchStagesAccumulator(lengths)
+        alone = [StagesAccumulator() for _ in lengths]
+        for r in range(recurrences):
+            site = Site("block", 0, r, r)
+            batch.observe(site, states[r], None)
+            for row, n in enumerate(lengths):
+                alone[row].observe(site, states[r, row : row + 1, :n], None)
+        profiles = batch.results()
+    finally:
+        torch.set_num_threads(before)
+    for row, accumulator in enumerate(alone):
+        want = np.array(accumulator.result().metrics["matrix_entropy"], float)
+        got = np.array(profiles[row].metrics["matrix_entropy"], float)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert np.isnan(profiles[3].metrics["matrix_entropy"][2])
+    assert profiles[1].metrics["matrix_entropy"].tolist() == [0.0] * recurrences
+
+
+def test_balanced_bins_split_costs_evenly_and_keep_index_order() -> None:
+    from loopscope.analysis.stages_batch import _balanced_bins
+
+    assert _balanced_bins([8.0, 1.0, 1.0, 6.0, 2.0], 2) == [[0, 1], [2, 3, 4]]
+    assert _balanced_bins([5.0], 4) == [[0]]
+    bins = _balanced_bins([float(t) ** 3 for t in (74, 81, 82, 84, 84, 84, 95, 108)], 2)
+    assert sorted(i for b in bins for i in b) == list(range(8))
+    loads = [sum(float((74, 81, 82, 84, 84, 84, 95, 108)[i]) ** 3 for i in b) for b in bins]
+    assert max(loads) / min(loads) < 1.2

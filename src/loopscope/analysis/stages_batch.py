@@ -13,7 +13,9 @@ rounding.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -30,18 +32,111 @@ from loopscope.analysis.stages import (
 from loopscope.engine.sites import Site
 
 
-def _eigenvalues(gram: Tensor) -> Tensor:
-    """``torch.linalg.eigvalsh``, on the host with one intra-op thread: on Gram matrices this
-    small LAPACK's threads only add cost (measured ~25%), and on a loaded machine their
-    waiting stalls each call by orders of magnitude (the thread count is restored after)."""
-    threads = torch.get_num_threads()
-    if gram.device.type != "cpu" or threads == 1:
-        return torch.linalg.eigvalsh(gram)
+def _row_grams(x: Tensor, lengths: Sequence[int]) -> list[Tensor]:
+    """Each row's Gram matrix over its own tokens, on its smaller side: T_i × T_i, or D × D
+    for a row longer than the width (its pads are zero rows and add nothing). Both sides have
+    the same nonzero eigenvalues, so a row much shorter than the batch's longest costs its own
+    T_i³ in the eigensolver, as it does alone. Float64, as in ``matrix_entropy`` (MPS has none)."""
+    xg = x.double() if x.device.type != "mps" else x
+    width = x.shape[-1]
+    return [
+        xg[i, :t] @ xg[i, :t].mT if t <= width else xg[i].mT @ xg[i] for i, t in enumerate(lengths)
+    ]
+
+
+#: Bytes of Gram matrices one eigensolver call takes: the solver copies its input, and a stack
+#: that stays in cache solves ~2x faster than one of a hundred megabytes.
+SOLVER_CALL_BYTES = 2**20
+
+
+def _spectral_entropies(grams: Sequence[Tensor]) -> Tensor:
+    """Shannon entropy (nats) of each Gram's normalised eigenvalues, NaN for a non-finite one
+    (a diverged state has no spectrum); Grams of one size share batched solver calls."""
+    out = torch.empty(len(grams), dtype=grams[0].dtype, device=grams[0].device)
+    by_size: dict[int, list[int]] = {}
+    for i, gram in enumerate(grams):
+        by_size.setdefault(gram.shape[-1], []).append(i)
+    for size, same_size in by_size.items():
+        per_call = max(1, SOLVER_CALL_BYTES // (size * size * grams[0].element_size()))
+        for start in range(0, len(same_size), per_call):
+            rows = same_size[start : start + per_call]
+            out[torch.tensor(rows, device=out.device)] = _stacked_entropies(grams, rows)
+    return out
+
+
+def _stacked_entropies(grams: Sequence[Tensor], rows: list[int]) -> Tensor:
+    """:func:`_spectral_entropies` of ``grams[rows]``, all of one size, in one solver call."""
+    stacked = torch.stack([grams[i] for i in rows])
+    finite = (stacked * 0).sum((-2, -1)) == 0  # x·0 is NaN exactly for a non-finite x
+    stacked = torch.where(finite[..., None, None], stacked, torch.zeros_like(stacked))
+    ev = torch.linalg.eigvalsh(stacked).clamp_min(0.0)
+    p = ev / ev.sum(-1, keepdim=True).clamp_min(_TINY)
+    return torch.where(finite, _entropy(p), torch.full_like(finite, math.nan, dtype=ev.dtype))
+
+
+def _balanced_bins(costs: Sequence[float], bins: int) -> list[list[int]]:
+    """Indices split into at most ``bins`` non-empty groups of near-equal total cost (largest
+    first, each to the lightest group), each group in index order."""
+    loads = [0.0] * bins
+    groups: list[list[int]] = [[] for _ in range(bins)]
+    for i in sorted(range(len(costs)), key=lambda k: -costs[k]):
+        lightest = loads.index(min(loads))
+        loads[lightest] += costs[i]
+        groups[lightest].append(i)
+    return [sorted(g) for g in groups if g]
+
+
+class _HostSolvers:
+    """Worker threads that each run single-threaded LAPACK: on Gram matrices this small,
+    LAPACK's own threads only add cost (measured ~25%) and on a loaded machine their waiting
+    stalls each call by orders of magnitude, while independent rows split across threads use
+    every core (eigvalsh releases the GIL; each row's result is the same on any thread)."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._owner = (0, 0)  # (pid, workers) the pool was made for: a forked child remakes it
+
+    def pool(self, workers: int) -> ThreadPoolExecutor:
+        if self._pool is None or self._owner != (os.getpid(), workers):
+            self._pool = ThreadPoolExecutor(
+                workers, thread_name_prefix="loopscope-eigvalsh", initializer=_one_thread
+            )
+            self._owner = (os.getpid(), workers)
+        return self._pool
+
+    def entropies(self, grams: Sequence[Tensor]) -> Tensor:
+        """:func:`_spectral_entropies` of host Grams, spread over ``torch.get_num_threads()``
+        single-threaded workers (on the calling thread, single-threaded, when that is 1)."""
+        workers = min(torch.get_num_threads(), len(grams))
+        if workers <= 1:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return _spectral_entropies(grams)
+            finally:
+                torch.set_num_threads(threads)
+        bins = _balanced_bins([float(g.shape[-1]) ** 3 for g in grams], workers)
+        parts = self.pool(workers).map(_spectral_entropies, [[grams[i] for i in b] for b in bins])
+        out = torch.empty(len(grams), dtype=grams[0].dtype)
+        for rows, values in zip(bins, parts):
+            out[torch.tensor(rows)] = values
+        return out
+
+
+def _one_thread() -> None:
     torch.set_num_threads(1)
-    try:
-        return torch.linalg.eigvalsh(gram)
-    finally:
-        torch.set_num_threads(threads)
+
+
+_HOST_SOLVERS = _HostSolvers()
+
+
+def _normalised(h: Tensor, logs: Tensor, single: Tensor) -> Tensor:
+    """Entropies divided by each row's log T_i; a single-token row's is 0 by definition."""
+    return torch.where(single, torch.zeros_like(h), h / logs)
+
+
+#: Bytes of host Gram matrices a :class:`BatchStagesAccumulator` holds before solving them.
+PENDING_GRAM_BYTES = 128 * 2**20
 
 
 class BatchStagesAccumulator:
@@ -68,6 +163,9 @@ class BatchStagesAccumulator:
         self._values: dict[Site, Tensor] = {}
         self._attention: dict[Site, bool] = {}
         self._masks: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        # host Grams whose entropies are not solved yet: (site, per-row Grams, logs, single)
+        self._pending: list[tuple[Site, list[Tensor], Tensor, Tensor]] = []
+        self._pending_bytes = 0
 
     def _mask(self, tokens: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(B, T) validity, (B,) lengths as float32, (B,) log-lengths (1 where T_i = 1) and
@@ -85,19 +183,30 @@ class BatchStagesAccumulator:
             )
         return self._masks[key]
 
-    def _matrix_entropy(self, x: Tensor, logs: Tensor, single: Tensor) -> Tensor:
-        """Normalised matrix entropy of each row's (T_i, D) states; pads are zero rows."""
+    def _matrix_entropy(self, site: Site, x: Tensor, logs: Tensor, single: Tensor) -> Tensor:
+        """Normalised matrix entropy of each row's (T_i, D) states (pads are zero rows), or,
+        on the host, zeros now and the entropies added at the next :meth:`_solve_pending`:
+        Grams of many sites solved together spread over every core."""
         if self.row_normalize_entropy:
             x = x / x.norm(dim=-1, keepdim=True).clamp_min(_TINY)
-        xg = x.double() if x.device.type != "mps" else x
-        gram = xg @ xg.mT if x.shape[-2] <= x.shape[-1] else xg.mT @ xg
-        finite = (gram * 0).sum((-2, -1)) == 0  # x·0 is NaN exactly for a non-finite x
-        gram = torch.where(finite[..., None, None], gram, torch.zeros_like(gram))
-        ev = _eigenvalues(gram).clamp_min(0.0)
-        p = ev / ev.sum(-1, keepdim=True).clamp_min(_TINY)
-        h = _entropy(p).to(x.dtype)
-        h = torch.where(finite, h, torch.full_like(h, float("nan")))
-        return torch.where(single, torch.zeros_like(h), h / logs)
+        grams = _row_grams(x, self.lengths)
+        if x.device.type == "cpu":
+            self._pending.append((site, grams, logs, single))
+            self._pending_bytes += sum(g.numel() * g.element_size() for g in grams)
+            return torch.zeros(len(self.lengths), dtype=x.dtype)
+        return _normalised(_spectral_entropies(grams).to(x.dtype), logs, single)
+
+    def _solve_pending(self) -> None:
+        """Add the deferred matrix entropies of every pending site to its values."""
+        if not self._pending:
+            return
+        grams = [g for _, site_grams, _, _ in self._pending for g in site_grams]
+        h = _HOST_SOLVERS.entropies(grams).to(torch.float32).split(len(self.lengths))
+        row = METRICS.index("matrix_entropy")
+        for (site, _, logs, single), site_h in zip(self._pending, h):
+            self._values[site][row] += _normalised(site_h, logs, single).double()
+        self._pending.clear()
+        self._pending_bytes = 0
 
     def _massive_ratio(self, x: Tensor, n: Tensor) -> Tensor:
         """max|a| / lower median |a| over each row's real T_i·D entries."""
@@ -140,7 +249,7 @@ class BatchStagesAccumulator:
         valid, n, logs, single = self._mask(hidden.shape[1], hidden.device)
         x = _f32(hidden.detach()).masked_fill(~valid[..., None], 0.0)  # (B, T, D)
         values = [
-            self._matrix_entropy(x, logs, single),
+            self._matrix_entropy(site, x, logs, single),
             x.norm(dim=-1).sum(-1) / n,
             self._massive_ratio(x, n),
         ]
@@ -154,9 +263,12 @@ class BatchStagesAccumulator:
             self._values[site] = current
         current[len(METRICS) - stacked.shape[0] :] += stacked
         self._attention[site] = self._attention.get(site, False) or attn is not None
+        if self._pending_bytes > PENDING_GRAM_BYTES:
+            self._solve_pending()
 
     def results(self) -> list[StagesProfile]:
         """One profile per row, each as its prompt alone gives; one device→host transfer."""
+        self._solve_pending()
         sites = sorted(self._values, key=lambda s: s.depth)
         host = (
             torch.stack([self._values[s] for s in sites]).cpu().numpy()

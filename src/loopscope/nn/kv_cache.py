@@ -167,7 +167,7 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, slot: KVSlot) -> Tensor:
     ``slot.length + i``. Non-finite values are zeroed first, as the uncached attention does, so
     a diverged token cannot poison later ones through zero-probability entries."""
     offset = slot.length
-    v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+    v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)  # where(isfinite(v), v, 0)
     keys, values = slot.extend(k, v)
     gqa = keys.shape[1] != q.shape[1]
     if offset == 0:

@@ -54,7 +54,7 @@ def causal_attention(
     # 0 · NaN is NaN: without this a diverged later token would poison every earlier one
     # through the masked (zero-probability) entries of the causal product, on both paths. The
     # diverged token stays diverged through its residual stream; finite V is untouched.
-    v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+    v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)  # where(isfinite(v), v, 0)
     if return_attn:
         group = n_heads // n_kv
         if group > 1:

@@ -93,8 +93,13 @@ class RotaryTable:
             a, b = pairs[..., 0], pairs[..., 1]
             out = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
             return out.type_as(x)
-        cos2 = torch.cat([cos, cos], dim=-1).to(x.dtype)  # rotate-half, in x's dtype
-        sin2 = torch.cat([sin, sin], dim=-1).to(x.dtype)
+        # rotate-half in x's dtype: x·cos + (−x₂, x₁)·sin, each half written in place (a − b·s
+        # is a + (−b)·s exactly, so this equals the concatenated formula bit for bit)
+        cos2 = torch.cat([cos, cos], dim=-1).to(x.dtype)
+        sin_half = sin.to(x.dtype)
         half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos2 + rotated * sin2
+        first, second = x[..., :half], x[..., half:]
+        out = x * cos2
+        out[..., :half] -= second * sin_half
+        out[..., half:] += first * sin_half
+        return out
