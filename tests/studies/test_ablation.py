@@ -385,6 +385,24 @@ def test_one_init_for_every_cell_and_unknown_inits_are_refused(tmp_path: Path) -
         random_init_grid(replace(TINY, init="xavier"))
 
 
+def test_paper_preset_starts_every_cell_from_huginns_init(tmp_path: Path) -> None:
+    # the study's width holds the init fixed across cells; other presets keep the family inits
+    assert random_init_preset("paper").init == "huginn"
+    assert random_init_preset("quick").init == "family"
+    args = [
+        "ablate", "random-init", "--preset", "paper", "--out", str(tmp_path), "--norms", "pre",
+        "--injections", "none", "--block-sizes", "2", "--seeds", "1", "--limit", "1",
+        "--recurrences", "2", "--no-progress",
+    ]  # fmt: skip
+    assert ablate_main(args) == 0
+    assert json.loads((tmp_path / "sweep.json").read_text())["init"] == "huginn"
+    assert json.loads((tmp_path / "cells" / "pre-none-k2-s0.json").read_text())["init"] == "huginn"
+    family = [*args[:5], str(tmp_path / "family"), *args[6:], "--init", "family"]
+    assert ablate_main(family) == 0
+    cell = json.loads((tmp_path / "family" / "cells" / "pre-none-k2-s0.json").read_text())
+    assert cell["init"] == "retrofit"
+
+
 def test_cli_init_flag_and_its_conflicts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -42,7 +42,7 @@ def _cmd_random_init(args: argparse.Namespace) -> int:
         norms=args.norms,
         injections=args.injections,
     )
-    preset = replace(preset, init=_chosen_init(args), init_parts=_init_parts(args))
+    preset = replace(preset, init=_chosen_init(args, preset.init), init_parts=_init_parts(args))
     if args.recurrences is not None:
         if args.recurrences < 2:
             raise LoopscopeError(
@@ -84,16 +84,17 @@ def _init_parts(args: argparse.Namespace) -> InitParts:
         raise LoopscopeError(f"--init-parts: {err}") from err
 
 
-def _chosen_init(args: argparse.Namespace) -> str:
-    """``--init``; ``--adapter-init-noise`` / ``--embed-init-std`` set the identity-adapter
-    start, so alone they choose it, and with another ``--init`` they are refused."""
+def _chosen_init(args: argparse.Namespace, preset_init: str) -> str:
+    """``--init``, else the preset's; ``--adapter-init-noise`` / ``--embed-init-std`` set the
+    identity-adapter start, so alone they choose it, and with another ``--init`` they are
+    refused."""
     tuned = [
         "--" + name.replace("_", "-")
         for name in ("adapter_init_noise", "embed_init_std")
         if getattr(args, name, None) is not None
     ]
     if args.init is None:
-        return "identity-adapter" if tuned else "family"
+        return "identity-adapter" if tuned else preset_init
     if tuned and args.init != "identity-adapter":
         raise LoopscopeError(
             f"{' and '.join(tuned)} set the identity-adapter start, not --init {args.init}; "
@@ -114,7 +115,7 @@ def _cmd_trained(args: argparse.Namespace) -> int:
         norms=args.norms,
         injections=args.injections,
     )
-    preset = replace(preset, init=_chosen_init(args))
+    preset = replace(preset, init=_chosen_init(args, preset.init))
     if options.batch_size is not None:
         preset = replace(preset, train=replace(preset.train, batch_size=options.batch_size))
     if options.limit is not None:
@@ -142,10 +143,12 @@ def _add_sweep_options(
     p.add_argument(
         "--init",
         choices=INIT_CHOICES,
-        help="weight init of every cell: family (default: Huginn's scaled init for the huginn "
-        "sandwich, Ouro's for the ouro sandwich, the retrofit models' Llama-style init for "
-        "pre/post-norm), one scheme for all cells, or identity-adapter (LoopLM's own (Z+X)/√2 "
-        "adapter start; implied by --adapter-init-noise / --embed-init-std)",
+        help="weight init of every cell: family (Huginn's scaled init for the huginn sandwich, "
+        "Ouro's for the ouro sandwich, the retrofit models' Llama-style init for pre/post-norm), "
+        "one scheme for all cells, or identity-adapter (LoopLM's own (Z+X)/√2 adapter start; "
+        "implied by --adapter-init-noise / --embed-init-std). Default: the preset's, family "
+        "except random-init --preset paper, which starts every cell from Huginn's init so that "
+        "only the norm and the injection vary",
     )
 
 

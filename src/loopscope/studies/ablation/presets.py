@@ -91,6 +91,11 @@ RANDOM_INIT_PRESETS: dict[str, RandomInitPreset] = {
     # A 12-layer cell costs ≈ 53 CPU s on one core (benchmarks/ablation_paper.py): the 128
     # recurrences ≈ 57%, the certificate's 60 JVPs from one retained forward pass ≈ 34%; the
     # study's six cells × 3 seeds × blocks 4/12/16 project to ≈ 42 min on one unloaded core.
+    # One init for every cell (Huginn's, whose code the sandwich and the concat-linear adapter
+    # come from), so that only the norm scheme and the injection vary between cells, as in a
+    # controlled ablation. The pre-norm stacks have no random init of their own: the retrofitted
+    # models start from pretrained Llama weights, so ``family`` gives them Llama's generic
+    # N(0, 0.02²), under which pre-norm + concat-linear does not converge at this width.
     "paper": RandomInitPreset(
         name="paper",
         d_model=512,
@@ -99,6 +104,7 @@ RANDOM_INIT_PRESETS: dict[str, RandomInitPreset] = {
         prompts=4,
         prompt_tokens=64,
         spectral_iters=60,
+        init="huginn",
     ),
 }
 
