@@ -18,6 +18,7 @@ from loopscope.training.held_out import (
     held_out_accuracy,
     held_out_problems,
     plot_held_out,
+    recurrence_gains,
 )
 
 
@@ -78,3 +79,27 @@ def test_answers_are_judged_as_the_uncached_decoder_would_judge_them() -> None:
     record = held_out_accuracy(model, edited, [3], batch_size=4, max_new_tokens=64)
     assert record.correct[3] == expected
     assert record.steps == [p.steps for p in problems]
+
+
+def test_recurrence_gains_read_each_difficulty_off_its_curve() -> None:
+    def curve(values: dict[int, float]) -> dict[str, dict[str, float]]:
+        return {str(r): {"accuracy": a, "se": 0.0, "problems": 100} for r, a in values.items()}
+
+    card = {
+        "train_recurrences": 4,
+        "accuracy_vs_recurrences_by_steps": {
+            "1": curve({1: 0.1, 2: 0.96, 3: 1.0, 4: 1.0, 8: 1.0}),
+            "2": curve({1: 0.0, 2: 0.2, 3: 0.4, 4: 0.5, 8: 0.6}),
+            "3": curve({1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0, 8: 0.0}),
+        },
+        "accuracy_vs_recurrences": curve({1: 0.05, 2: 0.5, 3: 0.6, 4: 0.7, 8: 0.75}),
+    }
+    easy, hard, impossible, overall = recurrence_gains(card)
+    assert (easy.problems, easy.best, easy.best_at, easy.near_best_from) == ("1-step", 1.0, 3, 2)
+    assert easy.late_gain == pytest.approx(1.0 - 0.96) and easy.past_training == 0.0
+    assert (hard.best_at, hard.near_best_from) == (8, 8)  # 0.57 is 95% of 0.6: only R = 8
+    assert hard.late_gain == pytest.approx(0.3) and hard.past_training == pytest.approx(0.1)
+    assert impossible.near_best_from is None and impossible.best_at == 1
+    assert overall.problems == "all" and overall.late_gain == pytest.approx(0.2)
+    no_half = {**card, "train_recurrences": 1}
+    assert recurrence_gains(no_half)[0].late_gain is None

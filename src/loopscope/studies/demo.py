@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from loopscope.analysis.report_parts import Cell
 from loopscope.engine.contract import LoopedLM
 from loopscope.report.html import Section, Table, format_cell
 from loopscope.trace.settings import PromptInput, TraceSettings
 from loopscope.trace.store import TraceStore
+from loopscope.training.held_out import NEAR_BEST, RecurrenceGain, recurrence_gains
 
 DEMO_PROMPTS = "demo.jsonl"
 #: The accuracy curve's problems (every bundled one; 4 with ``--quick``) and recurrence counts:
@@ -100,13 +102,19 @@ def held_out_section(looped: dict[str, Any], feedforward: dict[str, Any]) -> Sec
         f"{feedforward.get('held_out_accuracy')} ± {feedforward.get('held_out_accuracy_se')} on "
         "the same problems.",
     )
+    sampled = looped.get("recurrence_sampling", "constant") != "constant"
+    trained = (
+        f"with recurrence counts sampled around {looped.get('train_recurrences')}"
+        if sampled
+        else f"at a constant {looped.get('train_recurrences')} recurrences"
+    )
     text = (
         f"Measured when the models were exported (`loopscope export`, {looped['held_out_problems']}"
         " held-out problems, greedy decoding with the per-recurrence key/value cache). The "
-        f"looped model ({looped.get('parameters')} parameters) was trained with recurrence "
-        f"counts sampled around {looped.get('train_recurrences')}; the left panel shows its "
-        "accuracy at each test-time count beside its feedforward twin's, the right panel the "
-        "same curve per problem difficulty (calculation steps)."
+        f"looped model ({looped.get('parameters')} parameters) was trained {trained}; the left "
+        "panel shows its accuracy at each test-time count beside its feedforward twin's, the "
+        "right panel the same curve per problem difficulty (calculation steps). "
+        + gains_sentence(recurrence_gains(looped))
     )
     figure = Figure(
         "held_out_accuracy_vs_recurrences",
@@ -114,7 +122,41 @@ def held_out_section(looped: dict[str, Any], feedforward: dict[str, Any]) -> Sec
         "feedforward twin.",
         plot_held_out(looped, twin=feedforward),
     )
-    return Section("Test-time recurrences", text=text, tables=[table], figures=[figure])
+    return Section(
+        "Test-time recurrences", text=text, tables=[table, gains_table(looped)], figures=[figure]
+    )
+
+
+def gains_table(card: dict[str, Any]) -> Table:
+    """What extra recurrences buy each difficulty (:func:`recurrence_gains`), as a table."""
+    trained = card["train_recurrences"]
+    rows: list[list[Cell]] = [
+        [g.problems, g.best, g.best_at, g.near_best_from, g.late_gain, g.past_training]
+        for g in recurrence_gains(card)
+    ]
+    return Table(
+        "What extra test-time recurrences buy, by difficulty",
+        [
+            "problems",
+            "best accuracy",
+            "at R",
+            f"R reaching {NEAR_BEST:.0%} of best",
+            f"gain over the second half of R={trained}",
+            f"best past R={trained} minus R={trained}",
+        ],
+        rows,
+        note="Gains are differences of exact-answer accuracy on the card's held-out problems "
+        "(each accuracy ± its binomial standard error in the table above).",
+    )
+
+
+def gains_sentence(gains: Sequence[RecurrenceGain]) -> str:
+    """One sentence comparing how many recurrences each difficulty needs, from the numbers."""
+    per_difficulty = [g for g in gains if g.problems != "all" and g.near_best_from is not None]
+    if len(per_difficulty) < 2:
+        return ""
+    parts = ", ".join(f"{g.problems} problems from R={g.near_best_from}" for g in per_difficulty)
+    return f"Each difficulty reaches {NEAR_BEST:.0%} of its best accuracy: {parts}."
 
 
 def print_table(table: Table) -> None:

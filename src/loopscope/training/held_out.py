@@ -24,10 +24,12 @@ from loopscope.training.config import TrainConfig, derive_seed
 __all__ = [
     "CARD_RECURRENCES",
     "HeldOutAccuracy",
+    "RecurrenceGain",
     "binomial_standard_error",
     "held_out_accuracy",
     "held_out_problems",
     "plot_held_out",
+    "recurrence_gains",
 ]
 
 #: Recurrence counts a looped model's card measures: below, at and well past a training depth
@@ -138,6 +140,51 @@ def held_out_accuracy(
         train_recurrences=model.meta.train_recurrences,
         steps=[p.steps for p in problems],
         correct=correct,
+    )
+
+
+#: A difficulty "has its accuracy" from the fewest recurrences reaching this share of its best.
+NEAR_BEST = 0.95
+
+
+@dataclass(frozen=True)
+class RecurrenceGain:
+    """What extra test-time recurrences buy one difficulty, read off its accuracy curve:
+    ``late_gain`` is accuracy at the training depth T minus accuracy at the largest measured
+    count ≤ T/2 (the second half of the trained depth); ``past_training`` the best accuracy
+    past T minus accuracy at T (None when a count is not measured)."""
+
+    problems: str
+    best: float
+    best_at: int
+    near_best_from: int | None
+    late_gain: float | None
+    past_training: float | None
+
+
+def recurrence_gains(card: dict[str, Any]) -> list[RecurrenceGain]:
+    """One :class:`RecurrenceGain` per difficulty of a looped model's card, then all
+    problems together: harder problems that need more recurrences show it here."""
+    trained = int(card["train_recurrences"])
+    curves = [(f"{k}-step", v) for k, v in card["accuracy_vs_recurrences_by_steps"].items()]
+    curves.append(("all", card["accuracy_vs_recurrences"]))
+    return [_gain(name, curve, trained) for name, curve in curves]
+
+
+def _gain(name: str, curve: dict[str, dict[str, float]], trained: int) -> RecurrenceGain:
+    acc = {int(r): float(v["accuracy"]) for r, v in curve.items()}
+    best_at = max(sorted(acc), key=lambda r: acc[r])  # the fewest recurrences on a tie
+    near = [r for r in sorted(acc) if acc[r] >= NEAR_BEST * acc[best_at]]
+    half = [r for r in acc if r <= trained / 2]
+    past = [acc[r] for r in acc if r > trained]
+    at_trained = acc.get(trained)
+    return RecurrenceGain(
+        problems=name,
+        best=acc[best_at],
+        best_at=best_at,
+        near_best_from=near[0] if acc[best_at] > 0 else None,
+        late_gain=None if at_trained is None or not half else at_trained - acc[max(half)],
+        past_training=None if at_trained is None or not past else max(past) - at_trained,
     )
 
 
