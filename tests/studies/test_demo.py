@@ -70,3 +70,6 @@ def test_quick_demo_writes_the_full_report(
     held_out = metrics["held_out_vs_recurrences"]
     assert [row[0] for row in held_out] == ["1-step", "2-step", "all"]
     assert all(0.0 <= value <= 1.0 for row in held_out for value in row[1:-1])
+    gains = metrics["recurrence_gains_by_difficulty"]
+    assert [g["problems"] for g in gains] == ["1-step", "2-step", "all"]
+    assert "What extra test-time recurrences buy, by difficulty" in html

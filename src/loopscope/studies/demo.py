@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,7 @@ def run_demo(
             "held_out_vs_recurrences": recurrence_section.tables[0].rows
             if recurrence_section.tables
             else [],
+            "recurrence_gains_by_difficulty": [asdict(g) for g in recurrence_gains(cards[0])],
             "stages": stage_metrics,
             "accuracy_vs_recurrences": accuracy_metrics,
             "system_prompt_variants": variant_metrics,
