@@ -6,7 +6,7 @@ a batched run resumes prompt by prompt under any batch size."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import FIXTURES, tiny_hf_model, tiny_inkling, tiny_trace_config
+from family_zoo import FAMILIES
 from tolerances import forward_depth, forward_tolerance, magnitude, widest_sum
 
 import loopscope.trace.writer as writer
@@ -22,7 +22,6 @@ from loopscope.analysis.stages import StagesAccumulator
 from loopscope.engine.contract import LoopedLM
 from loopscope.engine.loop import RunSpec, padded_initial_state, prelude_output, run_probed
 from loopscope.engine.probes import CaptureProbe, DynamicsProbe, PerRowProbes
-from loopscope.families.looplm import LoopLM
 from loopscope.pipeline import report
 from loopscope.trace.batched import PAD_ID, padded_ids
 from loopscope.trace.settings import PromptInput, TraceError, TraceSettings
@@ -34,57 +33,6 @@ RECURRENCES = 5
 SETTINGS = TraceSettings(
     recurrences=RECURRENCES, attention_recurrences=2, stability_prompts=2, stability_iters=6
 )
-
-
-def _raven(name: str) -> Callable[[], LoopedLM]:
-    from loopscope.families.raven import load_raven
-
-    return lambda: load_raven(FIXTURES / "raven" / name / "checkpoint")
-
-
-def _ouro() -> LoopedLM:
-    from loopscope.families.ouro import load_ouro
-
-    return load_ouro(FIXTURES / "ouro" / "checkpoint")
-
-
-def _parcae() -> LoopedLM:
-    from loopscope.families.parcae import load_parcae
-
-    return load_parcae(FIXTURES / "parcae" / "checkpoint")
-
-
-def _retrofit() -> LoopedLM:
-    from loopscope.families.hf_retrofit import RetrofitLM
-
-    return RetrofitLM(tiny_hf_model("llama"), loop=(1, 3), recurrences=2)
-
-
-def _feedforward() -> LoopedLM:
-    from loopscope.families.hf_retrofit import feedforward_hf
-
-    return feedforward_hf(tiny_hf_model("gpt2"))
-
-
-def _inkling() -> LoopedLM:
-    from loopscope.families.inkling2 import Inkling2LoopLM
-
-    return Inkling2LoopLM(tiny_inkling())
-
-
-#: Every family, by a name for the test id. LoopLM starts from a seeded random state (as
-#: Huginn, its retrofits and Parcae do by default), so the per-row draw is tested everywhere.
-FAMILIES: dict[str, Callable[[], LoopedLM]] = {
-    "looplm": lambda: LoopLM(tiny_trace_config(init_state="random", context_length=32)),
-    "huginn": _raven("huginn"),
-    "raven-retro-llama": _raven("retro_llama"),
-    "raven-retro-olmo": _raven("retro_olmo"),
-    "ouro": _ouro,
-    "parcae": _parcae,
-    "hf-retrofit": _retrofit,
-    "hf-feedforward": _feedforward,
-    "inkling2": _inkling,
-}
 
 
 #: Inkling-2 is traced at two recurrences only (see the Inkling-2 tests below: each pass
