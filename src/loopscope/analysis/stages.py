@@ -26,6 +26,7 @@ __all__ = [
     "StagesAccumulator",
     "StagesProfile",
     "colsum_concentration",
+    "gram_entropy",
     "massive_activations",
     "massive_ratio",
     "matrix_entropy",
@@ -118,6 +119,18 @@ def mixing_score(attn: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- residual metrics
 
 
+def gram_entropy(gram: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of the normalised eigenvalues of Gram matrices (..., n, n) → (...).
+
+    A diverged state (NaN/Inf) has no spectrum: its entropy is NaN instead of failing the run
+    (x·0 is NaN exactly for a non-finite x, a cheaper test than ``isfinite().all()``)."""
+    finite = (gram * 0).sum((-2, -1)) == 0
+    gram = torch.where(finite[..., None, None], gram, torch.zeros_like(gram))
+    ev = torch.linalg.eigvalsh(gram).clamp_min(0.0)
+    p = ev / ev.sum(-1, keepdim=True).clamp_min(_TINY)
+    return torch.where(finite, _entropy(p), torch.full_like(finite, math.nan, dtype=ev.dtype))
+
+
 def matrix_entropy(
     residual: torch.Tensor, normalize: bool = True, row_normalize: bool = False
 ) -> torch.Tensor:
@@ -141,13 +154,7 @@ def matrix_entropy(
     # many orders of magnitude, which float32 Gram eigenvalues would blur (MPS has no float64).
     xg = x.double() if x.device.type != "mps" else x
     gram = xg @ xg.mT if x.shape[-2] <= x.shape[-1] else xg.mT @ xg
-    # A diverged state (NaN/Inf) has no spectrum: report NaN for it instead of failing the run.
-    finite = torch.isfinite(gram).flatten(-2).all(-1)
-    gram = torch.where(finite[..., None, None], gram, torch.zeros_like(gram))
-    ev = torch.linalg.eigvalsh(gram).clamp_min(0.0)
-    p = ev / ev.sum(-1, keepdim=True).clamp_min(_TINY)
-    h = _entropy(p).to(x.dtype)
-    h = torch.where(finite, h, torch.full_like(h, float("nan")))
+    h = gram_entropy(gram).to(x.dtype)
     t = x.shape[-2]
     if normalize:
         h = h / math.log(t) if t > 1 else torch.zeros_like(h)

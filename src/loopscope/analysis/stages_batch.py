@@ -28,6 +28,7 @@ from loopscope.analysis.stages import (
     StagesProfile,
     _entropy,
     _f32,
+    gram_entropy,
 )
 from loopscope.engine.sites import Site
 
@@ -60,18 +61,9 @@ def _spectral_entropies(grams: Sequence[Tensor]) -> Tensor:
         per_call = max(1, SOLVER_CALL_BYTES // (size * size * grams[0].element_size()))
         for start in range(0, len(same_size), per_call):
             rows = same_size[start : start + per_call]
-            out[torch.tensor(rows, device=out.device)] = _stacked_entropies(grams, rows)
+            stacked = torch.stack([grams[i] for i in rows])
+            out[torch.tensor(rows, device=out.device)] = gram_entropy(stacked)
     return out
-
-
-def _stacked_entropies(grams: Sequence[Tensor], rows: list[int]) -> Tensor:
-    """:func:`_spectral_entropies` of ``grams[rows]``, all of one size, in one solver call."""
-    stacked = torch.stack([grams[i] for i in rows])
-    finite = (stacked * 0).sum((-2, -1)) == 0  # x·0 is NaN exactly for a non-finite x
-    stacked = torch.where(finite[..., None, None], stacked, torch.zeros_like(stacked))
-    ev = torch.linalg.eigvalsh(stacked).clamp_min(0.0)
-    p = ev / ev.sum(-1, keepdim=True).clamp_min(_TINY)
-    return torch.where(finite, _entropy(p), torch.full_like(finite, math.nan, dtype=ev.dtype))
 
 
 def _balanced_bins(costs: Sequence[float], bins: int) -> list[list[int]]:
